@@ -1,0 +1,1 @@
+"""The HTTP service: registration, health, metrics and the admin endpoints."""

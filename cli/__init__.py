@@ -1,0 +1,1 @@
+"""The ``outbox`` command line: runs the services and operates the outbox."""

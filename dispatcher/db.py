@@ -1,0 +1,69 @@
+"""PostgreSQL connection helpers shared by the API, the dispatcher and the CLI."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+#: Errors that mean "the database is unreachable or went away", as opposed to a bad query.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionFailureError,
+)
+
+_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
+
+
+def asyncpg_dsn(url: str) -> str:
+    """Return the URL as a plain ``postgresql://`` DSN that asyncpg accepts.
+
+    Accepts ``postgresql://``, ``postgres://`` and SQLAlchemy's ``postgresql+asyncpg://``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise ValueError(
+            "must start with postgresql:// or postgresql+asyncpg:// "
+            f"(got scheme {parts.scheme or '(none)'!r})"
+        )
+    return urlunsplit(("postgresql", *parts[1:]))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Return the URL with SQLAlchemy's asyncpg driver name, for Alembic."""
+    return "postgresql+asyncpg" + asyncpg_dsn(url)[len("postgresql") :]
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, safe to log or print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, *parts[2:]))
+
+
+async def create_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = 30.0,
+    connect_timeout: float = 5.0,
+) -> asyncpg.Pool:
+    """Open an asyncpg pool for the URL (UTC session time zone, bounded connect time)."""
+    pool = await asyncpg.create_pool(
+        asyncpg_dsn(url),
+        timeout=connect_timeout,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=command_timeout,
+        server_settings={"timezone": "UTC", "application_name": "outbox"},
+    )
+    assert pool is not None
+    return pool

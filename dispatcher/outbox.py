@@ -1,0 +1,84 @@
+"""The public outbox API: put a mail in the outbox inside the caller's transaction.
+
+This is the one way mail enters the outbox. Call :func:`enqueue` on the same connection,
+inside the same transaction, as the business write it belongs to: the mail then exists
+if and only if that write commits. The dispatcher delivers it afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.utils import make_msgid
+
+import asyncpg
+
+from dispatcher import queries
+
+__all__ = ["Enqueued", "Mail", "enqueue", "has_control_chars"]
+
+
+def has_control_chars(value: str) -> bool:
+    """True if the text holds a C0/C1 control character (CR and LF included)."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value)
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A fully rendered email, ready to be stored and later sent as it is."""
+
+    recipient: Address
+    subject: str
+    body_text: str
+    body_html: str | None = None
+
+    def __post_init__(self) -> None:
+        # Header values must never carry CR/LF: that is how header injection happens.
+        for field, value in (
+            ("subject", self.subject),
+            ("recipient name", self.recipient.display_name),
+            ("recipient", self.recipient.addr_spec),
+        ):
+            if has_control_chars(value):
+                raise ValueError(f"{field} must not contain control characters")
+        if not self.recipient.domain:
+            raise ValueError("recipient must be a full address (user@domain)")
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What :func:`enqueue` stored: the outbox id and the stable Message-ID."""
+
+    id: int
+    message_id: str
+    created_at: datetime
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    mail: Mail,
+    *,
+    sender: Address,
+    not_before: datetime | None = None,
+) -> Enqueued:
+    """Store ``mail`` in the outbox on ``conn`` and notify the dispatchers at commit.
+
+    Must be called inside the caller's transaction. The Message-ID is fixed here and kept
+    across retries, so a duplicate delivery (only possible after a crash between the SMTP
+    server's reply and recording it) carries the same Message-ID as the first copy.
+    """
+    message_id = make_msgid(domain=sender.domain)
+    row = await conn.fetchrow(
+        queries.ENQUEUE,
+        message_id,
+        str(sender),
+        mail.recipient.addr_spec,
+        mail.recipient.display_name,
+        mail.subject,
+        mail.body_text,
+        mail.body_html,
+        not_before,
+    )
+    assert row is not None
+    return Enqueued(id=row["id"], message_id=message_id, created_at=row["created_at"])

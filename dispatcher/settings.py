@@ -1,0 +1,100 @@
+"""Settings shared by every process, read from the environment (flags override them)."""
+
+from __future__ import annotations
+
+import sys
+from email.headerregistry import Address
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SmtpSecurity = Literal["none", "starttls", "tls"]
+
+
+class Settings(BaseSettings):
+    """Every environment setting the product reads, with its default."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql:// or postgresql+asyncpg:// URL; `outbox dev` starts an "
+        "embedded PostgreSQL when unset.",
+    )
+    smtp_host: str | None = None
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: SmtpSecurity = "none"
+    smtp_timeout: float = Field(default=30.0, gt=0, le=600)
+    mail_from: str = "Outbox <noreply@example.com>"
+    admin_token: SecretStr | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        from dispatcher.db import asyncpg_dsn
+
+        asyncpg_dsn(value)  # raises ValueError with a readable message
+        return value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _check_mail_from(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters long")
+        return value
+
+    @property
+    def resolved_smtp_port(self) -> int:
+        """The SMTP port, defaulting by security mode (25, 587 for STARTTLS, 465 for TLS)."""
+        if self.smtp_port is not None:
+            return self.smtp_port
+        return {"none": 25, "starttls": 587, "tls": 465}[self.smtp_security]
+
+    @property
+    def sender(self) -> Address:
+        """MAIL_FROM as a structured address."""
+        return parse_address(self.mail_from)
+
+
+def parse_address(value: str) -> Address:
+    """Parse ``"Name <user@host>"`` or ``user@host`` into an :class:`Address`.
+
+    Raises ValueError on anything that is not exactly one plain address.
+    """
+    from email.headerregistry import HeaderRegistry
+
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters")
+    header = HeaderRegistry()("To", value)
+    addresses = getattr(header, "addresses", ())
+    defects = getattr(header, "defects", ())
+    if len(addresses) != 1 or defects or not addresses[0].domain:
+        raise ValueError(f"{value!r} is not a single valid email address")
+    address: Address = addresses[0]
+    return address
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, or exit naming the bad setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            lines.append(f"invalid setting {name}: {error['msg']}")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
