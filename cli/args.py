@@ -43,7 +43,5 @@ def duration(text: str) -> timedelta:
     """An age such as ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError(
-            f"expected an age like 30d, 12h, 90m or 45s, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected an age like 30d, 12h, 90m or 45s, got {text!r}")
     return timedelta(seconds=int(match[1]) * _UNITS[match[2]])

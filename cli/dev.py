@@ -139,8 +139,9 @@ def _stop_children(children: list[subprocess.Popen[bytes]], signals_seen: list[i
             child.wait()
 
 
-def _banner(ns: argparse.Namespace, database_url: str, mail_dir: Path | None,
-            env: dict[str, str]) -> None:
+def _banner(
+    ns: argparse.Namespace, database_url: str, mail_dir: Path | None, env: dict[str, str]
+) -> None:
     base = f"http://{ns.host}:{ns.port}"
     mail = f"files in {mail_dir}" if mail_dir else f"SMTP {env.get('SMTP_HOST')}"
     lines = [
@@ -151,7 +152,7 @@ def _banner(ns: argparse.Namespace, database_url: str, mail_dir: Path | None,
         f"  mail       {mail}",
         "  try it:",
         f"    curl -s -X POST {base}/register -H 'content-type: application/json' \\",
-        "         -d '{\"email\": \"ada@example.com\", \"name\": \"Ada Lovelace\"}'",
+        '         -d \'{"email": "ada@example.com", "name": "Ada Lovelace"}\'',
         "",
     ]
     print("\n".join(lines), flush=True)

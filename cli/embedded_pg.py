@@ -82,8 +82,14 @@ class EmbeddedPostgres:
         except KeyError:
             useradd = shutil.which("useradd") or "/usr/sbin/useradd"
             subprocess.run(
-                [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 SERVICE_USER],
+                [
+                    useradd,
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    SERVICE_USER,
+                ],
                 check=True,
             )
         entry = pwd.getpwnam(SERVICE_USER)
@@ -115,8 +121,14 @@ class EmbeddedPostgres:
         self._prepare_root()
         if not (self.pgdata / "PG_VERSION").exists():
             self._run(
-                "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C",
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
             )
         if self.running():
             self.port = self._running_port() or self.port
@@ -127,8 +139,18 @@ class EmbeddedPostgres:
         options = [f"-p {self.port}", "-h 127.0.0.1", "-k ''"]
         options += [f"-c {key}={value}" for key, value in self.settings.items()]
         result = self._run(
-            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata),
-            "-l", str(self.logfile), "-o", " ".join(options), check=False,
+            "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            str(self.pgdata),
+            "-l",
+            str(self.logfile),
+            "-o",
+            " ".join(options),
+            check=False,
         )
         if result.returncode != 0:
             tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""

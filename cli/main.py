@@ -12,8 +12,10 @@ from dispatcher.settings import Settings, load_settings
 
 def _require_database(settings: Settings) -> str:
     if settings.database_url is None:
-        print("invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
-              file=sys.stderr)
+        print(
+            "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return settings.database_url
 
@@ -65,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     api.add_argument("--port", type=types.port, default=8000, help="TCP port (default 8000)")
-    api.add_argument("--workers", type=types.positive_int, default=1,
-                     help="worker processes (default 1)")
+    api.add_argument(
+        "--workers", type=types.positive_int, default=1, help="worker processes (default 1)"
+    )
     api.set_defaults(handler=cmd_api)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")

@@ -5,9 +5,13 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+#: A plain connection or one borrowed from a pool: both run queries the same way.
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 #: Errors that mean "the database is unreachable or went away", as opposed to a bad query.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,

@@ -31,4 +31,3 @@ def build_message(row: Mapping[str, Any]) -> EmailMessage:
         digest = hashlib.sha256(row["message_id"].encode()).hexdigest()[:32]
         msg.set_boundary(f"=_outbox_{digest}")
     return msg
-

@@ -12,9 +12,8 @@ from datetime import datetime
 from email.headerregistry import Address
 from email.utils import make_msgid
 
-import asyncpg
-
 from dispatcher import queries
+from dispatcher.db import Connection
 
 __all__ = ["Enqueued", "Mail", "enqueue", "has_control_chars"]
 
@@ -56,7 +55,7 @@ class Enqueued:
 
 
 async def enqueue(
-    conn: asyncpg.Connection,
+    conn: Connection,
     mail: Mail,
     *,
     sender: Address,

@@ -79,12 +79,11 @@ def parse_address(value: str) -> Address:
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValueError("must not contain control characters")
     header = HeaderRegistry()("To", value)
-    addresses = getattr(header, "addresses", ())
-    defects = getattr(header, "defects", ())
+    addresses: tuple[Address, ...] = getattr(header, "addresses", ())
+    defects: tuple[object, ...] = getattr(header, "defects", ())
     if len(addresses) != 1 or defects or not addresses[0].domain:
         raise ValueError(f"{value!r} is not a single valid email address")
-    address: Address = addresses[0]
-    return address
+    return addresses[0]
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -61,8 +61,12 @@ def pg_server() -> Iterator[PgServer]:
         embedded = EmbeddedPostgres(
             root,
             # A throwaway cluster: durability is not under test, speed is welcome.
-            settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
-                      "max_connections": "300"},
+            settings={
+                "fsync": "off",
+                "synchronous_commit": "off",
+                "full_page_writes": "off",
+                "max_connections": "300",
+            },
         )
         admin_url = embedded.start()
     server = PgServer(admin_url, embedded)
