@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from cli import dev
+    from cli import dev, run_dispatcher
 
     dev.register(sub)
+    run_dispatcher.register(sub)
 
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

@@ -19,6 +19,7 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
     asyncpg.AdminShutdownError,
     asyncpg.ConnectionFailureError,
+    asyncpg.TooManyConnectionsError,
 )
 
 _SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}

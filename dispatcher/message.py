@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -13,8 +12,8 @@ from typing import Any
 from dispatcher.settings import parse_address
 
 
-def build_message(row: Mapping[str, Any]) -> EmailMessage:
-    """Render the outbox row as the exact message that is sent.
+def build_message(row: Any) -> EmailMessage:
+    """Render the outbox row (a record or mapping of its columns) as the message sent.
 
     Deterministic: the Date header is the row's ``created_at`` and the MIME boundary is
     derived from the Message-ID, so every retry sends byte-identical content.

@@ -24,3 +24,165 @@ WITH inserted AS (
 )
 SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
 """
+
+# --- Claim ------------------------------------------------------------------------------
+# Take up to $1 due rows for dispatcher $2 and lease them for $3 seconds.
+#
+# Due means: 'pending' with next_attempt_at in the past, or 'sending' whose lease is no
+# longer honoured (it expired, or its owner has not heartbeated for $4 seconds: it was
+# killed, frozen or cut off). A 'sending' row keeps the next_attempt_at it was claimed at,
+# which is in the past, so both kinds come from one range scan of outbox_claim_idx.
+#
+# The row lock is taken in a CTE with LIMIT so the planner cannot lock (or update) more
+# rows than asked, and SKIP LOCKED lets any number of dispatchers claim concurrently,
+# each getting different rows, without waiting on one another.
+#
+# A reclaimed 'sending' row gets an 'abandoned' attempt in its history, so the audit
+# trail shows the attempt that never reported back.
+CLAIM = """
+WITH due AS (
+    SELECT o.id, o.status AS previous_status, o.lease_owner AS previous_owner,
+           o.leased_at AS previous_leased_at, o.attempts AS previous_attempt
+    FROM outbox o
+    WHERE o.status IN ('pending', 'sending')
+      AND o.next_attempt_at <= now()
+      AND (
+            o.status = 'pending'
+         OR o.lease_expires_at <= now()
+         OR NOT EXISTS (
+                SELECT 1 FROM dispatchers d
+                WHERE d.name = o.lease_owner
+                  AND d.last_beat_at > now() - make_interval(secs => $4)
+            )
+      )
+    ORDER BY o.next_attempt_at
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED
+),
+abandoned AS (
+    INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                                 outcome, error)
+    SELECT id, previous_attempt, previous_owner, previous_leased_at, now(), 'abandoned',
+           'no outcome recorded: the lease expired or the dispatcher stopped heartbeating'
+    FROM due
+    WHERE previous_status = 'sending'
+)
+UPDATE outbox o
+SET status = 'sending',
+    lease_owner = $2,
+    lease_token = gen_random_uuid(),
+    leased_at = now(),
+    lease_expires_at = now() + make_interval(secs => $3),
+    attempts = o.attempts + 1,
+    updated_at = now()
+FROM due
+WHERE o.id = due.id
+RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject,
+          o.body_text, o.body_html, o.created_at, o.attempts, o.lease_token,
+          o.lease_expires_at
+"""
+
+# --- Record outcomes ----------------------------------------------------------------------
+# Record a batch of send outcomes in one statement (arrays, one element per mail).
+# Each row changes only if it is still 'sending' under the lease token we were given: a
+# dispatcher whose lease was taken over changes nothing. Its attempt is still written to
+# the history, flagged lease_lost, because the SMTP server may really have accepted it.
+#
+# outcome: 'sent' | 'deferred' (back to pending after retry_in seconds) | 'failed'.
+RECORD = """
+WITH outcome AS (
+    SELECT *
+    FROM unnest($1::bigint[], $2::uuid[], $3::integer[], $4::text[], $5::smallint[],
+                $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::float8[])
+         AS t(id, token, attempt, outcome, smtp_code, smtp_reply, error, started_at,
+              finished_at, retry_in)
+),
+updated AS (
+    UPDATE outbox o
+    SET status = CASE outcome.outcome WHEN 'deferred' THEN 'pending' ELSE outcome.outcome END,
+        sent_at = CASE WHEN outcome.outcome = 'sent' THEN outcome.finished_at END,
+        next_attempt_at = CASE WHEN outcome.outcome = 'deferred'
+                               THEN now() + make_interval(secs => outcome.retry_in)
+                               ELSE o.next_attempt_at END,
+        lease_owner = NULL, lease_token = NULL, leased_at = NULL, lease_expires_at = NULL,
+        last_smtp_code = outcome.smtp_code,
+        last_error = CASE WHEN outcome.outcome = 'sent' THEN NULL
+                          ELSE coalesce(outcome.error, outcome.smtp_reply) END,
+        updated_at = now()
+    FROM outcome
+    WHERE o.id = outcome.id AND o.lease_token = outcome.token AND o.status = 'sending'
+    RETURNING o.id
+)
+INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                             outcome, smtp_code, smtp_reply, error, lease_lost)
+SELECT outcome.id, outcome.attempt, $11, outcome.started_at, outcome.finished_at,
+       outcome.outcome, outcome.smtp_code, outcome.smtp_reply, outcome.error,
+       updated.id IS NULL
+FROM outcome LEFT JOIN updated ON updated.id = outcome.id
+-- Idempotent: if a commit's acknowledgement was lost and the batch is recorded again,
+-- the attempts already written are not written twice.
+WHERE NOT EXISTS (
+    SELECT 1 FROM outbox_attempts a
+    WHERE a.outbox_id = outcome.id AND a.attempt = outcome.attempt
+      AND a.dispatcher = $11 AND a.started_at = outcome.started_at
+)
+RETURNING outbox_id, lease_lost
+"""
+
+# Hand claimed rows back unsent (shutdown, or a lease we no longer trust): pending again,
+# due now, and the attempt the claim counted is given back because none was made.
+RELEASE = """
+UPDATE outbox o
+SET status = 'pending', attempts = o.attempts - 1,
+    lease_owner = NULL, lease_token = NULL, leased_at = NULL, lease_expires_at = NULL,
+    next_attempt_at = now(), updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[]) AS t(id, token)
+WHERE o.id = t.id AND o.lease_token = t.token AND o.status = 'sending'
+RETURNING o.id
+"""
+
+# --- Dispatcher liveness -------------------------------------------------------------------
+# Register dispatcher $1 (host $2, pid $3), or take the name over from an instance that
+# stopped beating $5 seconds ago. Returns no row when a live dispatcher holds the name.
+REGISTER = """
+INSERT INTO dispatchers AS d (name, hostname, pid, started_at, last_beat_at)
+VALUES ($1, $2, $3, now(), now())
+ON CONFLICT (name) DO UPDATE
+SET hostname = excluded.hostname, pid = excluded.pid, started_at = now(), last_beat_at = now()
+WHERE d.last_beat_at <= now() - make_interval(secs => $5)
+   OR $4::boolean  -- force: the caller saw the holder's process is gone
+RETURNING name
+"""
+
+# Who holds the name $1 now (for the error message when REGISTER returned nothing).
+NAME_HOLDER = "SELECT hostname, pid, last_beat_at FROM dispatchers WHERE name = $1"
+
+# On start-up: rows still leased under our name belong to a previous run of this name,
+# which is dead (names are unique among live dispatchers). Take them back right away
+# instead of waiting for their leases to expire.
+RECLAIM_PREDECESSOR = """
+WITH orphans AS (
+    SELECT id, attempts, leased_at FROM outbox
+    WHERE status = 'sending' AND lease_owner = $1
+    FOR UPDATE
+),
+history AS (
+    INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                                 outcome, error)
+    SELECT id, attempts, $1, leased_at, now(), 'abandoned',
+           'no outcome recorded: the dispatcher restarted'
+    FROM orphans
+)
+UPDATE outbox o
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, leased_at = NULL,
+    lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
+FROM orphans WHERE o.id = orphans.id
+RETURNING o.id
+"""
+
+HEARTBEAT = "UPDATE dispatchers SET last_beat_at = now() WHERE name = $1 RETURNING name"
+
+DEREGISTER = "DELETE FROM dispatchers WHERE name = $1"
+
+# Forget dispatchers that have not been seen for a day (kept that long for `outbox status`).
+FORGET_GONE_DISPATCHERS = "DELETE FROM dispatchers WHERE last_beat_at < now() - interval '1 day'"

@@ -28,8 +28,25 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = "none"
     smtp_timeout: float = Field(default=30.0, gt=0, le=600)
+    smtp_ca_file: str | None = Field(
+        default=None, description="Extra CA bundle for verifying the SMTP server's certificate."
+    )
     mail_from: str = "Outbox <noreply@example.com>"
     admin_token: SecretStr | None = None
+
+    # Dispatcher tuning (flags of `outbox dispatcher` override these).
+    dispatcher_name: str | None = Field(default=None, min_length=1, max_length=100)
+    dispatcher_concurrency: int = Field(default=8, ge=1, le=1000)
+    dispatcher_batch_size: int = Field(default=32, ge=1, le=10000)
+    dispatcher_poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    dispatcher_lease: float = Field(default=120.0, ge=1, le=86400)
+    dispatcher_heartbeat_interval: float = Field(default=2.0, gt=0, le=60)
+    dispatcher_max_attempts: int = Field(default=15, ge=1, le=1000)
+    dispatcher_max_age: float = Field(default=3 * 86400, gt=0)
+    dispatcher_retry_base: float = Field(default=5.0, gt=0)
+    dispatcher_retry_cap: float = Field(default=1800.0, gt=0)
+    dispatcher_grace: float = Field(default=20.0, ge=0, le=3600)
+    dispatcher_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("database_url")
     @classmethod

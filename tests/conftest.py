@@ -23,6 +23,7 @@ import pytest
 from cli import migrate
 from cli.embedded_pg import EmbeddedPostgres
 from dispatcher.db import asyncpg_dsn
+from tests.smtp_server import SmtpServer
 
 TEMPLATE = "outbox_test_template"
 
@@ -110,3 +111,13 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) whose replies a test can script."""
+    server = SmtpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

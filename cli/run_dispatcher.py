@@ -1,0 +1,116 @@
+"""``outbox dispatcher``: run the delivery daemon until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from cli import args as types
+from dispatcher import logs
+from dispatcher.daemon import Dispatcher, DispatcherConfig, NameInUse
+from dispatcher.settings import load_settings
+from dispatcher.smtp import SmtpConfig
+
+log = logging.getLogger("dispatcher")
+
+
+def register(sub: Any) -> None:
+    """Add the ``dispatcher`` command to the parser."""
+    parser = sub.add_parser(
+        "dispatcher",
+        help="run the delivery daemon",
+        description="Claim due mail, send it over SMTP and record every outcome. "
+        "Flags override the DISPATCHER_* environment settings.",
+    )
+    parser.add_argument("--name", help="unique name among live dispatchers (default host-pid)")
+    parser.add_argument(
+        "--concurrency",
+        type=types.positive_int,
+        help="SMTP connections sending at once (default 8)",
+    )
+    parser.add_argument(
+        "--batch-size", type=types.positive_int, help="most rows one claim takes (default 32)"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=types.positive_float,
+        help="seconds between polls when no NOTIFY arrives (default 2)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=types.positive_float,
+        help="seconds a claim is valid; a send never outlives it (default 120)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=types.positive_int,
+        help="attempts before a transiently failing mail is failed (default 15)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=types.positive_float,
+        help="seconds in-flight sends get to finish on SIGTERM (default 20)",
+    )
+    parser.add_argument(
+        "--metrics-port", type=types.port, help="serve Prometheus metrics on this port"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Start the daemon; exit 0 after a graceful stop."""
+    logs.configure()
+    settings = load_settings()
+    if settings.database_url is None:
+        print("invalid setting DATABASE_URL: not set", file=sys.stderr)
+        return 2
+    config = DispatcherConfig.from_settings(
+        settings,
+        name=ns.name,
+        concurrency=ns.concurrency,
+        batch_size=ns.batch_size,
+        poll_interval=ns.poll_interval,
+        lease=ns.lease,
+        max_attempts=ns.max_attempts,
+        grace=ns.grace,
+    )
+    metrics_port = ns.metrics_port or settings.dispatcher_metrics_port
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+    dispatcher = Dispatcher(config, settings.database_url, SmtpConfig.from_settings(settings))
+    return asyncio.run(_serve(dispatcher))
+
+
+async def _serve(dispatcher: Dispatcher) -> int:
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            log.info(
+                "dispatcher.signal",
+                extra={"signal": signal.Signals(signum).name, "dispatcher": dispatcher.config.name},
+            )
+            dispatcher.request_stop()
+        else:
+            # Second signal: leave now. Our leases go stale and other dispatchers take over.
+            log.warning("dispatcher.exit_now", extra={"dispatcher": dispatcher.config.name})
+            logging.shutdown()
+            os._exit(1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await dispatcher.run()
+    except NameInUse as exc:
+        print(f"outbox dispatcher: --name {exc} is in use by a live dispatcher", file=sys.stderr)
+        return 2
+    return 1 if dispatcher.crashed else 0
