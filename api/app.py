@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api import health, registration
+from api import admin, health, metrics, registration
 from dispatcher import logs
 from dispatcher.db import CONNECTION_ERRORS, create_pool
 from dispatcher.settings import Settings, load_settings
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(registration.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(admin.router)
 
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database.unavailable", extra={"path": request.url.path, "error": repr(exc)})

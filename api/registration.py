@@ -10,6 +10,7 @@ import asyncpg
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
+from api.metrics import REGISTRATIONS
 from api.welcome import welcome_mail
 from dispatcher.outbox import enqueue, has_control_chars
 
@@ -73,6 +74,7 @@ async def register(body: Registration, request: Request) -> Registered:
             raise HTTPException(409, "a user with this email already exists") from None
         assert user is not None
         queued = await enqueue(conn, mail, sender=request.app.state.sender)
+    REGISTRATIONS.inc()
     log.info(
         "user.registered",
         extra={"user_id": user["id"], "outbox_id": queued.id, "message_id": queued.message_id},

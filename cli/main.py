@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     migrate.set_defaults(handler=cmd_migrate)
+
+    from cli import audit
+
+    audit.register(sub)
     return parser
 
 

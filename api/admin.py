@@ -1,0 +1,249 @@
+"""Admin endpoints: audit and operate the outbox over HTTP (Bearer ``ADMIN_TOKEN``).
+
+Without ``ADMIN_TOKEN`` configured every admin endpoint answers 404 and never data; with
+it, a missing or wrong token gets 401 with ``WWW-Authenticate: Bearer``. The token is
+compared in constant time. The work is done by :mod:`dispatcher.operations`, the same
+code as the ``outbox`` CLI.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import UTC, datetime
+from typing import Annotated
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from dispatcher import operations as ops
+from dispatcher.settings import Settings
+
+log = logging.getLogger("api.admin")
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminToken",
+    description="The ADMIN_TOKEN setting, sent as `Authorization: Bearer <token>`.",
+)
+
+
+async def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """404 when no ADMIN_TOKEN is configured; 401 unless the bearer token matches it."""
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None:
+        raise HTTPException(404, "Not Found")
+    expected = settings.admin_token.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if credentials is None or not hmac.compare_digest(given, expected):
+        challenge = 'Bearer realm="outbox-admin"'
+        if credentials is not None:
+            challenge += ', error="invalid_token"'
+        raise HTTPException(
+            401, "missing or wrong admin token", headers={"WWW-Authenticate": challenge}
+        )
+
+
+_AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"description": "Missing or wrong bearer token."},
+    404: {"description": "Not found, or the admin endpoints are disabled (no ADMIN_TOKEN)."},
+    503: {"description": "The database is unavailable; retry later."},
+}
+
+router = APIRouter(
+    prefix="/outbox",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=_AUTH_RESPONSES,
+)
+
+
+# --- Models ---------------------------------------------------------------------------------
+
+
+class Mail(BaseModel):
+    """An outbox row without its body."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    message_id: str
+    sender: str
+    recipient: str
+    recipient_name: str
+    subject: str
+    status: ops.Status
+    attempts: int = Field(description="Send attempts made so far (kept across retries).")
+    next_attempt_at: datetime
+    lease_owner: str | None = Field(description="The dispatcher sending it, while sending.")
+    lease_expires_at: datetime | None
+    last_error: str | None
+    last_smtp_code: int | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+
+class Attempt(BaseModel):
+    """One send attempt."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    dispatcher: str
+    started_at: datetime
+    finished_at: datetime
+    outcome: str = Field(description="sent, deferred, failed or abandoned.")
+    smtp_code: int | None
+    smtp_reply: str | None
+    error: str | None
+    lease_lost: bool = Field(
+        description="The dispatcher had lost its lease when recording this attempt "
+        "(a possible duplicate delivery)."
+    )
+
+
+class Header(BaseModel):
+    """A header of the message as it is sent."""
+
+    name: str
+    value: str
+
+
+class MailDetail(Mail):
+    """An outbox row in full, with its attempts and the rendered headers."""
+
+    body_text: str
+    body_html: str | None
+    leased_at: datetime | None
+    history: list[Attempt]
+    headers: list[Header]
+    render_error: str | None = None
+
+
+class MailPage(BaseModel):
+    """A page of mail, newest first."""
+
+    items: list[Mail]
+    next: int | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class Conflict(BaseModel):
+    """The mail's status does not allow the operation."""
+
+    detail: str
+    status: ops.Status
+
+
+# --- Endpoints ------------------------------------------------------------------------------
+
+OutboxId = Annotated[int, Path(ge=1, le=ops.MAX_ID, description="The outbox id.")]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@router.get("", response_model=MailPage)
+async def list_outbox(
+    request: Request,
+    status: Annotated[ops.Status | None, Query(description="Only mail in this status.")] = None,
+    recipient: Annotated[
+        str | None,
+        Query(max_length=320, description="Only mail to this address (case-insensitive)."),
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Created at or after (ISO 8601; no offset means UTC)."),
+    ] = None,
+    until: Annotated[
+        datetime | None, Query(description="Created before (ISO 8601; no offset means UTC).")
+    ] = None,
+    cursor: Annotated[
+        int | None,
+        Query(ge=1, le=ops.MAX_ID, description="The `next` value of the previous page."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Rows per page.")] = 50,
+) -> MailPage:
+    """List mail, newest first, with filters and keyset pagination."""
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as conn:
+        page = await ops.list_mail(
+            conn,
+            status=status,
+            recipient=recipient,
+            since=_utc(since),
+            until=_utc(until),
+            before=cursor,
+            limit=limit,
+        )
+    return MailPage(items=[Mail.model_validate(row) for row in page.items], next=page.next_cursor)
+
+
+@router.get("/{outbox_id}", response_model=MailDetail)
+async def show_outbox(outbox_id: OutboxId, request: Request) -> MailDetail:
+    """One mail: the row, its body, every attempt and the headers as sent."""
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as conn:
+        detail = await ops.show(conn, outbox_id)
+    if detail is None:
+        raise HTTPException(404, f"no mail with id {outbox_id}")
+    return MailDetail(
+        **Mail.model_validate(detail.row).model_dump(),
+        body_text=detail.body_text,
+        body_html=detail.body_html,
+        leased_at=detail.leased_at,
+        history=[Attempt.model_validate(a) for a in detail.history],
+        headers=[Header(name=n, value=v) for n, v in detail.headers],
+        render_error=detail.render_error,
+    )
+
+
+async def _change(request: Request, outbox_id: int, action: str) -> Mail | JSONResponse:
+    pool: asyncpg.Pool = request.app.state.pool
+    operation = ops.retry if action == "retry" else ops.cancel
+    async with pool.acquire() as conn:
+        result = await operation(conn, [outbox_id])
+        row = await ops.get(conn, outbox_id)
+    if result.refused:
+        refused = result.refused[0]
+        if refused.status is None or row is None:
+            raise HTTPException(404, f"no mail with id {outbox_id}")
+        return JSONResponse(
+            Conflict(detail=refused.reason, status=row.status).model_dump(), status_code=409
+        )
+    assert row is not None
+    log.info(f"admin.{action}", extra={"outbox_id": outbox_id})
+    return Mail.model_validate(row)
+
+
+@router.post(
+    "/{outbox_id}/retry",
+    response_model=Mail,
+    responses={409: {"model": Conflict, "description": "Only failed or cancelled mail."}},
+)
+async def retry_outbox(outbox_id: OutboxId, request: Request) -> Mail | JSONResponse:
+    """Queue a failed (or cancelled) mail again, due now; attempts history is kept."""
+    return await _change(request, outbox_id, "retry")
+
+
+@router.post(
+    "/{outbox_id}/cancel",
+    response_model=Mail,
+    responses={
+        409: {"model": Conflict, "description": "Only pending or failed mail; never sending."}
+    },
+)
+async def cancel_outbox(outbox_id: OutboxId, request: Request) -> Mail | JSONResponse:
+    """Cancel a pending or failed mail (a mail being sent cannot be recalled)."""
+    return await _change(request, outbox_id, "cancel")

@@ -1,0 +1,500 @@
+"""``outbox status|list|show|retry|cancel|prune``: audit and operate the outbox.
+
+Thin command-line front end of :mod:`dispatcher.operations`. Results go to stdout (a
+table, or JSON with ``--json``); progress of bulk operations and refusals go to stderr.
+Exit codes: 0 done; 1 the database is unreachable, a mail does not exist, or some ids
+were refused; 2 bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import asyncpg
+
+from cli import args as types
+from dispatcher import operations as ops
+from dispatcher.db import CONNECTION_ERRORS, Connection, asyncpg_dsn, redact
+from dispatcher.settings import load_settings
+
+CONNECT_TIMEOUT = 5.0
+
+#: Errors that mean "cannot get a working connection", beyond dropped connections.
+_UNREACHABLE: tuple[type[Exception], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def register(sub: Any) -> None:
+    """Add the audit and operations commands to the parser."""
+    p = sub.add_parser(
+        "status", help="counts per status, oldest due mail, live dispatchers, recent failures"
+    )
+    p.add_argument("--exact", action="store_true", help="count sent mail exactly (slower)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("list", help="list mail, newest first")
+    p.add_argument("--status", choices=ops.STATUSES, help="only mail in this status")
+    p.add_argument("--recipient", metavar="ADDRESS", help="only mail to this address (any case)")
+    p.add_argument(
+        "--since",
+        type=types.timestamp,
+        metavar="TIME",
+        help="created at or after TIME (2026-11-24, 2026-11-24T10:00Z, or an age: 2h, 7d)",
+    )
+    p.add_argument(
+        "--until", type=types.timestamp, metavar="TIME", help="created before TIME (as --since)"
+    )
+    p.add_argument(
+        "--before",
+        type=types.outbox_id,
+        metavar="ID",
+        help="only ids below ID: the next page, as printed after a full page",
+    )
+    p.add_argument(
+        "--limit", type=types.page_size, default=50, help="rows to show, 1-10000 (default 50)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("show", help="one mail: the row, every attempt, the rendered headers")
+    p.add_argument("id", type=types.outbox_id, metavar="ID", help="the outbox id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser(
+        "retry",
+        help="send failed (or cancelled) mail again",
+        description="Put failed mail (and cancelled mail named by id) back in the queue, "
+        "due now. The attempts counter and history are kept.",
+    )
+    p.add_argument("ids", type=types.outbox_id, nargs="*", metavar="ID", help="outbox ids")
+    p.add_argument("--all-failed", action="store_true", help="retry every failed mail")
+    p.add_argument(
+        "--batch-size",
+        type=types.positive_int,
+        default=1000,
+        help="rows per transaction with --all-failed (default 1000)",
+    )
+    p.set_defaults(handler=cmd_retry, parser=p)
+
+    p = sub.add_parser("cancel", help="cancel pending or failed mail (never mail being sent)")
+    p.add_argument("ids", type=types.outbox_id, nargs="+", metavar="ID", help="outbox ids")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete old sent and cancelled mail with its attempts",
+        description="Delete sent and cancelled mail (and failed mail with --include-failed) "
+        "created and completed more than AGE ago, with its attempt history, in batches. "
+        "Pending mail and mail being sent are never touched.",
+    )
+    p.add_argument(
+        "--older-than",
+        type=types.duration,
+        required=True,
+        metavar="AGE",
+        help="age such as 30d, 12h, 2w",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=types.positive_int,
+        default=1000,
+        help="rows deleted per transaction (default 1000)",
+    )
+    p.add_argument("--include-failed", action="store_true", help="delete old failed mail as well")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.set_defaults(handler=cmd_prune)
+
+
+# --- Plumbing -------------------------------------------------------------------------------
+
+
+def _database_url() -> str:
+    url = load_settings().database_url
+    if url is None:
+        print(
+            "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return url
+
+
+def _run(command: str, work: Callable[[Connection], Awaitable[int]]) -> int:
+    """Connect, run ``work``, close; map database trouble to one line and exit code 1."""
+    url = _database_url()
+
+    async def main() -> int:
+        conn = await asyncpg.connect(
+            asyncpg_dsn(url),
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"timezone": "UTC", "application_name": f"outbox {command}"},
+        )
+        try:
+            return await work(conn)
+        finally:
+            await conn.close(timeout=2)
+
+    try:
+        return asyncio.run(main())
+    except _UNREACHABLE as exc:
+        _error(command, f"cannot reach the database at {redact(url)}: {_describe(exc)}")
+    except asyncpg.UndefinedTableError:
+        _error(command, f"the database at {redact(url)} has no outbox tables; run `outbox migrate`")
+    except asyncpg.PostgresError as exc:
+        _error(command, f"database error: {_describe(exc)}")
+    return 1
+
+
+def _describe(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _error(command: str, message: str) -> None:
+    print(f"outbox {command}: {message}", file=sys.stderr)
+
+
+def _clean(value: object, width: int | None = None) -> str:
+    """Text safe for a terminal: control characters (escape sequences, CR/LF) become spaces."""
+    text = "" if value is None else str(value)
+    text = "".join(" " if ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in text)
+    if width is not None and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+def _time(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(value: float) -> str:
+    total = int(value)
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in (headers, *rows):
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _print_json(value: object) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
+
+
+class _Progress:
+    """Running counts on stderr: rewritten in place on a terminal, else a line per second."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.pending: str | None = None
+
+    def update(self, text: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{text}")
+            self.stream.flush()
+        elif now - self.last >= 1.0:
+            print(text, file=self.stream, flush=True)
+            self.last = now
+            self.pending = None
+            return
+        self.pending = text
+
+    def done(self) -> None:
+        if self.tty and self.pending is not None:
+            self.stream.write("\n")
+        elif self.pending is not None:
+            print(self.pending, file=self.stream, flush=True)
+        self.stream.flush()
+
+
+# --- Commands -------------------------------------------------------------------------------
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    """Counts per status, oldest due pending age, dispatchers, failures in the last hour."""
+
+    async def work(conn: Connection) -> int:
+        summary = await ops.status_summary(conn, exact=ns.exact)
+        if ns.json:
+            _print_json(summary)
+            return 0
+        queue = summary.queue
+        out = sys.stdout
+        print(f"outbox at {_time(summary.checked_at)} UTC", file=out)
+        for status in ops.STATUSES:
+            note = ""
+            if status == "pending":
+                note = f"  ({queue.due_pending:,} due"
+                if queue.due_pending:
+                    note += f", oldest due for {_age(queue.oldest_due_pending_seconds)}"
+                note += ")"
+            elif status == "sent" and queue.sent_estimated:
+                note = "  (estimate; --exact to count)"
+            print(f"  {status:<10} {queue.counts[status]:>12,}{note}", file=out)
+        failures = summary.failures_last_hour
+        print(
+            "attempts in the last hour: "
+            f"{failures['failed']:,} failed, {failures['deferred']:,} deferred, "
+            f"{failures['abandoned']:,} abandoned",
+            file=out,
+        )
+        live = sum(d.live for d in summary.dispatchers)
+        print(f"dispatchers: {live} live", file=out)
+        if summary.dispatchers:
+            rows = [
+                [
+                    _clean(d.name, 40),
+                    _clean(d.hostname, 40),
+                    str(d.pid),
+                    _time(d.started_at),
+                    _time(d.last_beat_at),
+                    "live" if d.live else "gone",
+                ]
+                for d in summary.dispatchers
+            ]
+            _table(["  NAME", "HOST", "PID", "STARTED", "LAST BEAT", "STATE"], _indent(rows), out)
+        return 0
+
+    return _run("status", work)
+
+
+def _indent(rows: list[list[str]]) -> list[list[str]]:
+    return [["  " + row[0], *row[1:]] for row in rows]
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    """List mail, newest first, with filters and keyset pagination."""
+
+    async def work(conn: Connection) -> int:
+        page = await ops.list_mail(
+            conn,
+            status=ns.status,
+            recipient=ns.recipient,
+            since=ns.since,
+            until=ns.until,
+            before=ns.before,
+            limit=ns.limit,
+        )
+        if ns.json:
+            _print_json(
+                {"items": [dataclasses.asdict(r) for r in page.items], "next": page.next_cursor}
+            )
+            return 0
+        rows = [
+            [
+                str(r.id),
+                r.status,
+                str(r.attempts),
+                _time(r.created_at),
+                _clean(r.recipient, 40),
+                _clean(r.subject, 40),
+                _clean(
+                    f"{r.last_smtp_code} {r.last_error or ''}"
+                    if r.last_smtp_code
+                    else r.last_error,
+                    50,
+                ),
+            ]
+            for r in page.items
+        ]
+        if rows:
+            _table(
+                ["ID", "STATUS", "ATT", "CREATED (UTC)", "RECIPIENT", "SUBJECT", "LAST ERROR"],
+                rows,
+                sys.stdout,
+            )
+        else:
+            print("no mail matches", file=sys.stderr)
+        if page.next_cursor is not None:
+            print(f"more: add --before {page.next_cursor} for the next page", file=sys.stderr)
+        return 0
+
+    return _run("list", work)
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    """One mail in full."""
+
+    async def work(conn: Connection) -> int:
+        detail = await ops.show(conn, ns.id)
+        if detail is None:
+            _error("show", f"no mail with id {ns.id}")
+            return 1
+        if ns.json:
+            _print_json(detail)
+            return 0
+        _print_detail(detail, sys.stdout)
+        return 0
+
+    return _run("show", work)
+
+
+def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
+    r = detail.row
+    fields: list[tuple[str, object]] = [
+        ("status", r.status),
+        ("attempts", r.attempts),
+        ("message-id", r.message_id),
+        ("from", r.sender),
+        ("to", f"{r.recipient_name} <{r.recipient}>" if r.recipient_name else r.recipient),
+        ("subject", r.subject),
+        ("created", f"{_time(r.created_at)} UTC"),
+        ("updated", f"{_time(r.updated_at)} UTC"),
+        ("sent", f"{_time(r.sent_at)} UTC" if r.sent_at else "-"),
+        ("next attempt", f"{_time(r.next_attempt_at)} UTC" if r.status == "pending" else "-"),
+        (
+            "lease",
+            f"{r.lease_owner} until {_time(r.lease_expires_at)} UTC" if r.lease_owner else "-",
+        ),
+        ("last error", f"{r.last_smtp_code or ''} {r.last_error or ''}".strip() or "-"),
+    ]
+    print(f"mail {r.id}", file=out)
+    for name, value in fields:
+        print(f"  {name:<13} {_clean(value)}", file=out)
+    print("headers (as sent):", file=out)
+    if detail.render_error:
+        print(f"  cannot render: {_clean(detail.render_error)}", file=out)
+    for name, value in detail.headers:
+        print(f"  {name}: {_clean(value)}", file=out)
+    print(f"attempts ({len(detail.history)}):", file=out)
+    if detail.history:
+        rows = [
+            [
+                f"  {a.attempt}",
+                a.outcome + (" (lease lost)" if a.lease_lost else ""),
+                _clean(a.dispatcher, 30),
+                _time(a.started_at),
+                f"{(a.finished_at - a.started_at).total_seconds():.3f}s",
+                str(a.smtp_code or "-"),
+                _clean(a.error or a.smtp_reply, 60),
+            ]
+            for a in detail.history
+        ]
+        _table(
+            ["  #", "OUTCOME", "DISPATCHER", "STARTED (UTC)", "TOOK", "CODE", "REPLY / ERROR"],
+            rows,
+            out,
+        )
+    print("body (text):", file=out)
+    for line in detail.body_text.splitlines():
+        print(f"  | {_clean(line)}", file=out)
+    if detail.body_html is not None:
+        print(f"body (html): {len(detail.body_html):,} characters (--json shows it)", file=out)
+
+
+def _report(command: str, verb: str, result: ops.ChangeResult) -> int:
+    if result.changed:
+        print(f"{verb}: {' '.join(str(i) for i in result.changed)}")
+    for refused in result.refused:
+        _error(command, f"{refused.id}: {refused.reason}")
+    return 1 if result.refused else 0
+
+
+def cmd_retry(ns: argparse.Namespace) -> int:
+    """Retry the named mails, or every failed one."""
+    parser: argparse.ArgumentParser = ns.parser
+    if ns.all_failed and ns.ids:
+        parser.error("give IDs or --all-failed, not both")
+    if not ns.all_failed and not ns.ids:
+        parser.error("give the IDs to retry, or --all-failed")
+
+    async def work(conn: Connection) -> int:
+        if not ns.all_failed:
+            return _report("retry", "retried", await ops.retry(conn, ns.ids))
+        progress = _Progress()
+        total = await ops.retry_all_failed(
+            conn,
+            batch_size=ns.batch_size,
+            progress=lambda n: progress.update(f"retry: {n:,} failed mails queued again"),
+        )
+        progress.done()
+        print(f"retried {total:,} failed mails")
+        return 0
+
+    return _run("retry", work)
+
+
+def cmd_cancel(ns: argparse.Namespace) -> int:
+    """Cancel the named mails."""
+
+    async def work(conn: Connection) -> int:
+        return _report("cancel", "cancelled", await ops.cancel(conn, ns.ids))
+
+    return _run("cancel", work)
+
+
+def _counts(deleted: Mapping[str, int]) -> str:
+    return ", ".join(f"{status} {n:,}" for status, n in deleted.items())
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    """Delete old finished mail in batches, with progress on stderr."""
+
+    async def work(conn: Connection) -> int:
+        progress = _Progress()
+
+        def step(p: ops.PruneResult) -> None:
+            progress.update(
+                f"prune: {p.total:,} mails deleted ({_counts(p.deleted)}), "
+                f"{p.attempts_deleted:,} attempts, {p.batches:,} batches"
+            )
+
+        result = await ops.prune(
+            conn,
+            older_than=ns.older_than,
+            include_failed=ns.include_failed,
+            batch_size=ns.batch_size,
+            dry_run=ns.dry_run,
+            progress=step,
+        )
+        progress.done()
+        verb = "would delete" if result.dry_run else "deleted"
+        print(
+            f"{verb} {result.total:,} mails ({_counts(result.deleted)}) and "
+            f"{result.attempts_deleted:,} attempts created and completed before "
+            f"{_time(result.cutoff)} UTC"
+        )
+        return 0
+
+    return _run("prune", work)
