@@ -170,7 +170,13 @@ class Dispatcher:
         """Run until a stop is requested, then shut down gracefully."""
         fields = {"dispatcher": self.config.name}
         self._pool = await self._until_connected(
-            lambda: create_pool(self._database_url, min_size=1, max_size=4), "database.connect"
+            lambda: create_pool(
+                self._database_url,
+                min_size=1,
+                max_size=4,
+                application_name=f"outbox-dispatcher:{self.config.name}",
+            ),
+            "database.connect",
         )
         if self._pool is None:
             return
@@ -383,7 +389,13 @@ class Dispatcher:
             lost = asyncio.Event()
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(asyncpg_dsn(self._database_url), timeout=5)
+                conn = await asyncpg.connect(
+                    asyncpg_dsn(self._database_url),
+                    timeout=5,
+                    server_settings={
+                        "application_name": f"outbox-listener:{self.config.name}"[:63]
+                    },
+                )
                 await conn.add_listener(queries.NOTIFY_CHANNEL, lambda *_: self._wake.set())
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 if attempt:

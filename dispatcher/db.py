@@ -60,6 +60,7 @@ async def create_pool(
     max_size: int = 10,
     command_timeout: float = 30.0,
     connect_timeout: float = 5.0,
+    application_name: str = "outbox",
 ) -> asyncpg.Pool:
     """Open an asyncpg pool for the URL (UTC session time zone, bounded connect time)."""
     pool = await asyncpg.create_pool(
@@ -68,7 +69,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         command_timeout=command_timeout,
-        server_settings={"timezone": "UTC", "application_name": "outbox"},
+        server_settings={"timezone": "UTC", "application_name": application_name[:63]},
     )
     assert pool is not None
     return pool

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -79,7 +80,10 @@ def smtp_config(server: SmtpServer, **overrides: Any) -> SmtpConfig:
 
 @asynccontextmanager
 async def running_dispatcher(
-    database_url: str, server: SmtpServer, name: str = "test", smtp: SmtpConfig | None = None,
+    database_url: str,
+    server: SmtpServer,
+    name: str = "test",
+    smtp: SmtpConfig | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Dispatcher]:
     """Run an in-process dispatcher for the duration of the block, then stop it gracefully."""
@@ -117,13 +121,24 @@ def spawn_dispatcher(
         "DISPATCHER_POLL_INTERVAL": "0.2",
         **env,
     }
-    return subprocess.Popen(
+    # Logs go to a file, never to an unread pipe (a full pipe would block the process).
+    log = tempfile.NamedTemporaryFile(prefix=f"dispatcher-{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "dispatcher", "--name", name, *args],
         env=environ,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
+    log.close()
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+    return proc
+
+
+def process_log(proc: subprocess.Popen[bytes]) -> str:
+    """What a process started by :func:`spawn_dispatcher` logged so far."""
+    path: Path = proc.log_path  # type: ignore[attr-defined]
+    return path.read_text()
 
 
 async def live_dispatchers(pool: asyncpg.Pool) -> set[str]:

@@ -60,7 +60,11 @@ class FaultyHandler:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         with self.lock:

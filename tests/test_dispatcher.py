@@ -14,9 +14,7 @@ async def test_happy_path_delivers_each_mail_once(
     queued = await enqueue_many(db, 20)
     async with running_dispatcher(database_url, smtp_server):
         await wait_until(lambda: len(smtp_server.received) >= 20, what="20 mails")
-        await wait_until(
-            lambda: _all_sent(db, 20), what="all rows recorded as sent"
-        )
+        await wait_until(lambda: _all_sent(db, 20), what="all rows recorded as sent")
     assert smtp_server.message_ids() == {q.message_id: 1 for q in queued}
     rows = await db.fetch("SELECT * FROM outbox ORDER BY id")
     for row in rows:
@@ -50,7 +48,9 @@ async def test_transient_451_is_retried_then_sent(
         "SELECT attempt, outcome, smtp_code, smtp_reply FROM outbox_attempts ORDER BY id"
     )
     assert [(a["attempt"], a["outcome"], a["smtp_code"]) for a in attempts] == [
-        (1, "deferred", 451), (2, "deferred", 451), (3, "sent", 250)
+        (1, "deferred", 451),
+        (2, "deferred", 451),
+        (3, "sent", 250),
     ]
     assert "try again later" in attempts[0]["smtp_reply"]
     row = await db.fetchrow("SELECT attempts, last_error FROM outbox")
@@ -64,9 +64,7 @@ async def test_permanent_550_fails_at_once_with_the_reply(
     smtp_server.handler.data_plan = lambda rcpt, seen: Reply("550 5.1.1 mailbox unavailable")
     await enqueue_many(db, 1)
     async with running_dispatcher(database_url, smtp_server):
-        await wait_until(
-            lambda: _status_is(db, "failed"), what="the mail to fail"
-        )
+        await wait_until(lambda: _status_is(db, "failed"), what="the mail to fail")
     row = await db.fetchrow("SELECT * FROM outbox")
     assert row["attempts"] == 1
     assert row["last_smtp_code"] == 550
@@ -84,7 +82,8 @@ async def test_552_at_rcpt_is_transient_but_at_data_is_permanent(
     database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
 ) -> None:
     smtp_server.handler.rcpt_plan = lambda rcpt, seen: (
-        Reply("552 5.5.3 too many recipients") if rcpt.startswith("rcpt-") and seen == 0
+        Reply("552 5.5.3 too many recipients")
+        if rcpt.startswith("rcpt-") and seen == 0
         else Reply()
     )
     smtp_server.handler.data_plan = lambda rcpt, seen: (
@@ -115,9 +114,7 @@ async def _statuses(db: asyncpg.Pool, expected: dict[int, str]) -> bool:
 async def test_connection_dropped_mid_data_is_retried_on_a_new_connection(
     database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
 ) -> None:
-    smtp_server.handler.data_plan = lambda rcpt, seen: (
-        Reply(hang_up=True) if seen == 0 else Reply()
-    )
+    smtp_server.handler.data_plan = lambda rcpt, seen: Reply(hang_up=True) if seen == 0 else Reply()
     [queued] = await enqueue_many(db, 1)
     async with running_dispatcher(database_url, smtp_server):
         await wait_until(lambda: _all_sent(db, 1), what="the mail to be sent after a hang-up")
@@ -130,15 +127,13 @@ async def test_connection_dropped_mid_data_is_retried_on_a_new_connection(
 async def test_slow_server_past_the_timeout_is_deferred(
     database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
 ) -> None:
-    smtp_server.handler.data_plan = lambda rcpt, seen: (
-        Reply(delay=3.0) if seen == 0 else Reply()
-    )
+    smtp_server.handler.data_plan = lambda rcpt, seen: Reply(delay=3.0) if seen == 0 else Reply()
     await enqueue_many(db, 1)
     from tests.dispatching import smtp_config
 
-    async with running_dispatcher(database_url, smtp_server, smtp=smtp_config(
-        smtp_server, timeout=0.5
-    )):
+    async with running_dispatcher(
+        database_url, smtp_server, smtp=smtp_config(smtp_server, timeout=0.5)
+    ):
         await wait_until(lambda: _all_sent(db, 1), what="the mail to be sent after a timeout")
     first = await db.fetchrow("SELECT outcome, error FROM outbox_attempts ORDER BY id LIMIT 1")
     assert first["outcome"] == "deferred"
@@ -155,6 +150,7 @@ async def test_transient_failures_give_up_after_max_attempts(
     row = await db.fetchrow("SELECT attempts, last_error, last_smtp_code FROM outbox")
     assert row["attempts"] == 3 and row["last_smtp_code"] == 450
     assert row["last_error"].startswith("gave up after 3 attempts")
-    outcomes = [r["outcome"] for r in await db.fetch(
-        "SELECT outcome FROM outbox_attempts ORDER BY id")]
+    outcomes = [
+        r["outcome"] for r in await db.fetch("SELECT outcome FROM outbox_attempts ORDER BY id")
+    ]
     assert outcomes == ["deferred", "deferred", "failed"]

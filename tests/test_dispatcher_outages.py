@@ -1,0 +1,105 @@
+"""Outages: PostgreSQL restarts under a running dispatcher; the SMTP server goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from cli import migrate
+from cli.embedded_pg import EmbeddedPostgres
+from dispatcher.db import asyncpg_dsn
+from tests.dispatching import enqueue_many, running_dispatcher, status_counts, wait_until
+from tests.smtp_server import SmtpServer
+
+
+@pytest.fixture
+async def own_postgres() -> AsyncIterator[EmbeddedPostgres]:
+    """A PostgreSQL server of this test's own, free to be restarted."""
+    root = Path(tempfile.mkdtemp(prefix="outbox-restart-pg-"))
+    pg = EmbeddedPostgres(root, settings={"fsync": "off"})
+    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(pg.create_database, "outbox")
+    await asyncio.to_thread(migrate.upgrade, pg.url("outbox"))
+    try:
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.stop, "immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _sent(url: str) -> int:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE status = 'sent'"))
+    finally:
+        await conn.close()
+
+
+async def _enqueue(url: str, count: int, prefix: str) -> None:
+    pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        await enqueue_many(pool, count, prefix=prefix)
+    finally:
+        await pool.close()
+
+
+async def test_dispatcher_survives_a_postgres_restart(
+    own_postgres: EmbeddedPostgres, smtp_server: SmtpServer
+) -> None:
+    url = own_postgres.url("outbox")
+    async with running_dispatcher(url, smtp_server, poll_interval=0.5) as dispatcher:
+        await _enqueue(url, 5, "before")
+        await wait_until(lambda: _is(url, 5), what="5 mails before the restart")
+        await asyncio.to_thread(own_postgres.stop, "fast")
+        await asyncio.sleep(1.0)  # the dispatcher now runs against a dead database
+        await asyncio.to_thread(own_postgres.start)
+        await _enqueue(url, 5, "after")
+        await wait_until(lambda: _is(url, 10), timeout=30, what="5 mails after the restart")
+        assert not dispatcher.crashed
+    assert len(smtp_server.received) == 10
+
+
+async def _is(url: str, count: int) -> bool:
+    try:
+        return await _sent(url) == count
+    except (OSError, asyncpg.PostgresError):
+        return False
+
+
+async def test_smtp_outage_defers_then_delivers_without_burning_attempts(
+    database_url: str, db: asyncpg.Pool
+) -> None:
+    down = SmtpServer()  # a port nobody listens on until the server starts
+    queued = await enqueue_many(db, 10)
+    async with running_dispatcher(database_url, down, concurrency=2):
+        await wait_until(
+            lambda: _attempted(db), what="the first connection failures to be recorded"
+        )
+        await asyncio.sleep(1.0)  # an outage lasting a while
+        attempts_during_outage = await db.fetchval("SELECT count(*) FROM outbox_attempts")
+        down.start()
+        try:
+            await wait_until(
+                lambda: _all_sent(db, 10), timeout=60, what="delivery after the outage"
+            )
+        finally:
+            down.stop()
+    # The dispatcher paused instead of cycling every row through failed connections.
+    assert attempts_during_outage <= 2 * 2 + 4
+    assert {r.message_id for r in down.received} == {q.message_id for q in queued}
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'failed'") == 0
+
+
+async def _attempted(db: asyncpg.Pool) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM outbox_attempts"))
+
+
+async def _all_sent(db: asyncpg.Pool, count: int) -> bool:
+    return (await status_counts(db)).get("sent", 0) == count
