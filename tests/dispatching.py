@@ -122,15 +122,16 @@ def spawn_dispatcher(
         **env,
     }
     # Logs go to a file, never to an unread pipe (a full pipe would block the process).
-    log = tempfile.NamedTemporaryFile(prefix=f"dispatcher-{name}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "dispatcher", "--name", name, *args],
-        env=environ,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    log.close()
+    with tempfile.NamedTemporaryFile(
+        prefix=f"dispatcher-{name}-", suffix=".log", delete=False
+    ) as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "dispatcher", "--name", name, *args],
+            env=environ,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     return proc
 
