@@ -93,7 +93,7 @@ def run(ns: argparse.Namespace) -> int:
             asyncio.run(_ensure_database(server_url, "outbox"))
             database_url = pg.url("outbox")
             env["DATABASE_URL"] = database_url
-        migrate.upgrade(database_url)
+        migrate.upgrade_or_exit(database_url, "outbox dev")
 
         mail_dir = None
         if settings.smtp_host is None:

@@ -63,13 +63,25 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        user = SERVICE_USER if os.geteuid() == 0 else None
+        if os.geteuid() == 0:
+            # The service user's own group too: keeping root's group would make a root-owned
+            # parent folder's (empty) group bits apply instead of its "others" traverse bit.
+            entry = pwd.getpwnam(SERVICE_USER)
+            return subprocess.run(
+                [str(_bin_dir() / tool), *args],
+                check=check,
+                capture_output=True,
+                text=True,
+                user=entry.pw_uid,
+                group=entry.pw_gid,
+                extra_groups=[],
+                timeout=120,
+            )
         return subprocess.run(
             [str(_bin_dir() / tool), *args],
             check=check,
             capture_output=True,
             text=True,
-            user=user,
             timeout=120,
         )
 

@@ -26,7 +26,7 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
     from dispatcher.db import redact
 
     url = _require_database(load_settings())
-    migrate.upgrade(url)
+    migrate.upgrade_or_exit(url, "outbox migrate")
     print(f"schema is at head on {redact(url)}")
     return 0
 

@@ -27,3 +27,20 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def downgrade(database_url: str, revision: str) -> None:
     """Downgrade the schema to ``revision`` (``base`` removes every table)."""
     command.downgrade(alembic_config(database_url), revision)
+
+
+def upgrade_or_exit(database_url: str, command_name: str) -> None:
+    """:func:`upgrade`, turning a database error into a one-line message and exit status 1."""
+    import asyncpg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dispatcher.db import redact
+
+    try:
+        upgrade(database_url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SystemExit(
+            f"{command_name}: cannot migrate the database at {redact(database_url)}: "
+            f"{type(exc).__name__}: {reason}"
+        ) from None

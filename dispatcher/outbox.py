@@ -7,6 +7,7 @@ if and only if that write commits. The dispatcher delivers it afterwards.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
@@ -18,9 +19,12 @@ from dispatcher.db import Connection
 __all__ = ["Enqueued", "Mail", "enqueue", "has_control_chars"]
 
 
+_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def has_control_chars(value: str) -> bool:
     """True if the text holds a C0/C1 control character (CR and LF included)."""
-    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value)
+    return _CONTROL_CHAR.search(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,3 +121,14 @@ def smtp_server() -> Iterator[SmtpServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def empty_database_url(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database with no schema at all (for migration and start-up tests)."""
+    name = f"outbox_empty_{os.getpid()}_{next(_counter)}"
+    await _admin(pg_server.admin_url, f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        await _admin(pg_server.admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

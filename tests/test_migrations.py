@@ -1,0 +1,242 @@
+"""The schema: migrations up, down and up again, and the constraints the product relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic.script import ScriptDirectory
+
+from cli import migrate
+from dispatcher.db import asyncpg_dsn
+
+PROJECT = Path(__file__).resolve().parent.parent
+ALEMBIC = str(Path(sys.executable).with_name("alembic"))
+TABLES = {"users", "outbox", "outbox_attempts", "dispatchers"}
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _schema(url: str) -> dict[str, set[str]]:
+    """Tables, indexes, sequences, functions and types in the public schema."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        tables = {
+            r[0]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        indexes = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public'"
+            )
+        }
+        sequences = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"
+            )
+        }
+        functions = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'public'"
+            )
+        }
+        types = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+                "WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd')"
+            )
+        }
+        version = None
+        if "alembic_version" in tables:
+            version = await conn.fetchval("SELECT version_num FROM alembic_version")
+    finally:
+        await conn.close()
+    return {
+        "tables": tables,
+        "indexes": indexes,
+        "sequences": sequences,
+        "functions": functions,
+        "types": types,
+        "version": {version} if version else set(),
+    }
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(
+        migrate.alembic_config("postgresql://unused/x")
+    ).get_current_head()
+    assert head is not None
+    return head
+
+
+def test_the_migration_history_is_one_line() -> None:
+    # Two people adding a revision on the same parent would fork the history.
+    script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused/x"))
+    assert len(script.get_heads()) == 1, script.get_heads()
+    revisions = list(script.walk_revisions())
+    assert revisions[-1].down_revision is None
+    for revision in revisions:
+        assert revision.doc, f"revision {revision.revision} has no description"
+
+
+async def test_upgrade_downgrade_upgrade_on_a_fresh_database(empty_database_url: str) -> None:
+    url = empty_database_url
+    assert (await _schema(url))["tables"] == set()
+
+    await asyncio.to_thread(migrate.upgrade, url)
+    first = await _schema(url)
+    assert first["tables"] >= TABLES
+    assert first["version"] == {_head()}
+    assert {"users_email_lower_key", "outbox_claim_idx"} <= first["indexes"]
+
+    await asyncio.to_thread(migrate.downgrade, url, "base")
+    gone = await _schema(url)
+    # Everything the migrations made is gone; only Alembic's (empty) bookkeeping table stays.
+    assert gone["tables"] == {"alembic_version"}
+    assert gone["indexes"] == {"alembic_version_pkc"}
+    assert gone["sequences"] == set()
+    assert gone["functions"] == set()
+    assert gone["types"] == set()
+    assert gone["version"] == set()
+
+    await asyncio.to_thread(migrate.upgrade, url)
+    assert await _schema(url) == first
+
+
+async def test_upgrade_is_idempotent(empty_database_url: str) -> None:
+    await asyncio.to_thread(migrate.upgrade, empty_database_url)
+    before = await _schema(empty_database_url)
+    await asyncio.to_thread(migrate.upgrade, empty_database_url)
+    assert await _schema(empty_database_url) == before
+
+
+def _alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["DATABASE_URL"] = url
+    return subprocess.run(
+        [ALEMBIC, *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+asyncpg"])
+async def test_plain_alembic_upgrade_head_works_from_the_repository_root(
+    empty_database_url: str, scheme: str
+) -> None:
+    url = scheme + empty_database_url[len("postgresql") :]
+    done = await asyncio.to_thread(_alembic, "upgrade", "head", url=url)
+    assert done.returncode == 0, done.stderr
+    schema = await _schema(empty_database_url)
+    assert schema["tables"] >= TABLES
+    assert schema["version"] == {_head()}
+    current = await asyncio.to_thread(_alembic, "current", url=url)
+    assert current.returncode == 0, current.stderr
+    assert f"{_head()} (head)" in current.stdout
+
+
+async def test_claim_index_is_partial_on_live_statuses(conn: asyncpg.Connection) -> None:
+    row = await conn.fetchrow(
+        """
+        SELECT pg_get_indexdef(i.indexrelid) AS definition,
+               pg_get_expr(i.indpred, i.indrelid) AS predicate
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE c.relname = 'outbox_claim_idx'
+        """
+    )
+    assert row is not None
+    assert "(next_attempt_at)" in row["definition"]
+    assert row["predicate"] is not None
+    assert "'pending'" in row["predicate"] and "'sending'" in row["predicate"]
+    for status in ("sent", "failed", "cancelled"):
+        assert status not in row["predicate"]
+
+
+async def test_email_is_unique_case_insensitively_in_the_database(
+    conn: asyncpg.Connection,
+) -> None:
+    await conn.execute("INSERT INTO users (email, name) VALUES ('Ada@Example.org', 'Ada')")
+    for duplicate in ("ada@example.org", "ADA@EXAMPLE.ORG", "Ada@Example.org"):
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("INSERT INTO users (email, name) VALUES ($1, 'x')", duplicate)
+    await conn.execute("INSERT INTO users (email, name) VALUES ('ada2@example.org', 'Ada')")
+    assert await conn.fetchval("SELECT count(*) FROM users") == 2
+
+
+async def test_user_columns_are_capped(conn: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO users (email, name) VALUES ('a@example.org', $1)", "x" * 201
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute("INSERT INTO users (email, name) VALUES ($1, 'A')", "a" * 321)
+
+
+_MAIL = """
+INSERT INTO outbox (message_id, sender, recipient, subject, body_text, status,
+                    lease_token, lease_expires_at, sent_at)
+VALUES ($1, 'Outbox <noreply@example.org>', 'ada@example.org', 'Hi', 'Hello', $2,
+        $3, $4, $5)
+"""
+
+
+async def test_status_check_accepts_only_the_documented_statuses(
+    conn: asyncpg.Connection,
+) -> None:
+    now = await conn.fetchval("SELECT now()")
+    token = "00000000-0000-0000-0000-000000000001"
+    for n, status in enumerate(["pending", "failed", "cancelled"]):
+        await conn.execute(_MAIL, f"<{n}@example.org>", status, None, None, None)
+    await conn.execute(_MAIL, "<s@example.org>", "sending", token, now, None)
+    await conn.execute(_MAIL, "<t@example.org>", "sent", None, None, now)
+    for bogus in ("done", "PENDING", "queued", "", "sent "):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(_MAIL, f"<bogus-{bogus}@example.org>", bogus, None, None, None)
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 5
+
+
+async def test_state_invariants_are_enforced(conn: asyncpg.Connection) -> None:
+    now = await conn.fetchval("SELECT now()")
+    token = "00000000-0000-0000-0000-000000000001"
+    # 'sending' needs a lease; a lease needs 'sending'.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(_MAIL, "<a@example.org>", "sending", None, None, None)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(_MAIL, "<b@example.org>", "pending", token, now, None)
+    # sent_at is set exactly when the mail is sent.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(_MAIL, "<c@example.org>", "sent", None, None, None)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(_MAIL, "<d@example.org>", "pending", None, None, now)
+    # The Message-ID is unique.
+    await conn.execute(_MAIL, "<e@example.org>", "pending", None, None, None)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(_MAIL, "<e@example.org>", "pending", None, None, None)
+    # Attempts belong to a mail, with a documented outcome.
+    outbox_id = await conn.fetchval("SELECT id FROM outbox")
+    attempt = """
+        INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                                     outcome)
+        VALUES ($1, 1, 'd1', now(), now(), $2)
+    """
+    await conn.execute(attempt, outbox_id, "sent")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(attempt, outbox_id, "exploded")
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.execute(attempt, outbox_id + 1000, "sent")
