@@ -64,8 +64,9 @@ async def backdate(db: asyncpg.Pool, outbox_id: int, age: timedelta) -> None:
     """Shift every timestamp of the row (and its attempts) ``age`` into the past."""
     await db.execute(
         """
-        UPDATE outbox SET created_at = created_at - $2::interval, updated_at = updated_at - $2::interval,
-               next_attempt_at = next_attempt_at - $2::interval, sent_at = sent_at - $2::interval
+        UPDATE outbox
+        SET created_at = created_at - $2::interval, updated_at = updated_at - $2::interval,
+            next_attempt_at = next_attempt_at - $2::interval, sent_at = sent_at - $2::interval
         WHERE id = $1
         """,
         outbox_id,
@@ -73,7 +74,8 @@ async def backdate(db: asyncpg.Pool, outbox_id: int, age: timedelta) -> None:
     )
     await db.execute(
         """
-        UPDATE outbox_attempts SET started_at = started_at - $2::interval, finished_at = finished_at - $2::interval
+        UPDATE outbox_attempts
+        SET started_at = started_at - $2::interval, finished_at = finished_at - $2::interval
         WHERE outbox_id = $1
         """,
         outbox_id,
@@ -99,7 +101,8 @@ async def add_attempt(
         """
         INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
                                      outcome, smtp_code, smtp_reply, error, lease_lost)
-        VALUES ($1, $2, $3, now() - $9::interval - interval '1 second', now() - $9::interval, $4, $5, $6, $7, $8)
+        VALUES ($1, $2, $3, now() - $9::interval - interval '1 second', now() - $9::interval,
+                $4, $5, $6, $7, $8)
         """,
         outbox_id,
         attempt,
