@@ -381,3 +381,26 @@ async def test_prune_rejects_bad_arguments(db: asyncpg.Pool, conn: Connection) -
         await ops.prune(conn, older_than=DAY, batch_size=0)
     with pytest.raises(ValueError):
         await ops.prune(conn, older_than=-DAY)
+
+
+# --- migration --------------------------------------------------------------------------------
+
+
+async def test_migration_0002_downgrades_and_upgrades(database_url: str, db: asyncpg.Pool) -> None:
+    from cli import migrate
+
+    async def indexes() -> set[str]:
+        rows = await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename LIKE 'outbox%'")
+        return {r[0] for r in rows}
+
+    added = {"outbox_failed_cancelled_idx", "outbox_created_at_id_idx"}
+    added.add("outbox_attempts_finished_at_idx")
+    await add_mail(db, status="failed")
+    assert added <= await indexes()
+    assert "outbox_created_at_idx" not in await indexes()
+    await asyncio.to_thread(migrate.downgrade, database_url, "0001")
+    assert not added & await indexes()
+    assert "outbox_created_at_idx" in await indexes()
+    await asyncio.to_thread(migrate.upgrade, database_url)
+    assert added <= await indexes()
+    assert (await statuses(db)) == {1: "failed"}
