@@ -274,16 +274,26 @@ WHERE outbox_id = $1
 ORDER BY attempt, id
 """
 
-# Retry/cancel: one guarded UPDATE. The final SELECT reads the snapshot the statement
-# started with, so it reports each id's status before the change (the reason for a refusal).
+# Retry/cancel: one guarded UPDATE. The rows are locked in id order first, so two
+# operators changing overlapping sets of ids at once cannot deadlock; a row a claim has
+# just taken fails the guard once the claim commits. The final SELECT reads the snapshot
+# the statement started with, so it reports each id's status before the change (the
+# reason for a refusal).
 _CHANGE = """
 WITH wanted AS (
     SELECT DISTINCT unnest($1::bigint[]) AS id
 ),
+locked AS (
+    SELECT id FROM outbox
+    WHERE id IN (SELECT id FROM wanted) AND status = ANY($2::text[])
+    ORDER BY id
+    FOR UPDATE
+),
 changed AS (
     UPDATE outbox o
     SET {assignments}, updated_at = now()
-    WHERE o.id IN (SELECT id FROM wanted) AND o.status = ANY($2::text[])
+    FROM locked
+    WHERE o.id = locked.id AND o.status = ANY($2::text[])
     RETURNING o.id
 )
 SELECT w.id, o.status, o.lease_owner, c.id IS NOT NULL AS changed
