@@ -13,7 +13,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# (uvicorn's color_message is the event again, with terminal colour codes.)
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,7 +47,9 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "aiosmtpd", "mail.log"):
+    # uvicorn.access is left alone: `outbox api` turns the access log off (uvicorn then
+    # detaches that logger), and re-attaching it here would log every request anyway.
+    for name in ("uvicorn", "uvicorn.error", "aiosmtpd", "mail.log"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True

@@ -8,15 +8,19 @@ if and only if that write commits. The dispatcher delivers it afterwards.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
 from email.utils import make_msgid
+from functools import lru_cache
+
+from asyncpg import Record
 
 from dispatcher import queries
 from dispatcher.db import Connection
 
-__all__ = ["Enqueued", "Mail", "enqueue", "has_control_chars"]
+__all__ = ["Enqueued", "Mail", "enqueue", "enqueue_with", "has_control_chars"]
 
 
 _CONTROL_CHAR = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -58,6 +62,23 @@ class Enqueued:
     created_at: datetime
 
 
+def _mail_params(
+    mail: Mail, sender: Address, not_before: datetime | None
+) -> tuple[str, tuple[object, ...]]:
+    message_id = make_msgid(domain=sender.domain)
+    recipient = mail.recipient
+    return message_id, (
+        message_id,
+        str(sender),
+        recipient.addr_spec,
+        recipient.display_name,
+        mail.subject,
+        mail.body_text,
+        mail.body_html,
+        not_before,
+    )
+
+
 async def enqueue(
     conn: Connection,
     mail: Mail,
@@ -71,17 +92,42 @@ async def enqueue(
     across retries, so a duplicate delivery (only possible after a crash between the SMTP
     server's reply and recording it) carries the same Message-ID as the first copy.
     """
-    message_id = make_msgid(domain=sender.domain)
-    row = await conn.fetchrow(
-        queries.ENQUEUE,
-        message_id,
-        str(sender),
-        mail.recipient.addr_spec,
-        mail.recipient.display_name,
-        mail.subject,
-        mail.body_text,
-        mail.body_html,
-        not_before,
-    )
+    message_id, params = _mail_params(mail, sender, not_before)
+    row = await conn.fetchrow(queries.ENQUEUE, *params)
     assert row is not None
     return Enqueued(id=row["id"], message_id=message_id, created_at=row["created_at"])
+
+
+@lru_cache(maxsize=64)
+def _fused(write: str, write_params: int) -> str:
+    numbers = {f"m{i}": write_params + i for i in range(1, 9)}
+    return queries.ENQUEUE_WITH.format(write=write.strip().rstrip(";"), **numbers)
+
+
+async def enqueue_with(
+    conn: Connection,
+    write: str,
+    write_args: Sequence[object],
+    mail: Mail,
+    *,
+    sender: Address,
+    not_before: datetime | None = None,
+) -> tuple[Record, Enqueued] | None:
+    """Run ``write`` and enqueue ``mail`` in one statement: the mail exists iff the row does.
+
+    ``write`` is a constant single-row ``INSERT ... RETURNING ...`` of the caller's, with
+    ``write_args`` as its parameters $1..$n. It is the same as running ``write`` and
+    :func:`enqueue` in one transaction, in one round trip instead of three or four (no
+    BEGIN and COMMIT needed: a statement is atomic on its own; inside the caller's
+    transaction it joins it). Returns the written row (its RETURNING columns) and what was
+    enqueued, or None when ``write`` stored nothing (``ON CONFLICT DO NOTHING``); an error
+    of ``write`` (a unique violation, say) is raised as it is, with nothing stored.
+    """
+    message_id, params = _mail_params(mail, sender, not_before)
+    row = await conn.fetchrow(_fused(write, len(write_args)), *write_args, *params)
+    if row is None:
+        return None
+    queued = Enqueued(
+        id=row["outbox_id"], message_id=message_id, created_at=row["outbox_created_at"]
+    )
+    return row, queued

@@ -25,6 +25,30 @@ WITH inserted AS (
 SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
 """
 
+# ENQUEUE fused with the business write it belongs to: one statement, so one round trip
+# and atomic without an explicit transaction. A template (see outbox.enqueue_with): {write}
+# is the caller's own constant single-row ``INSERT ... RETURNING ...`` with parameters
+# $1..$n, never user input; {m1}..{m8} become $n+1..$n+8, the mail's parameters in
+# ENQUEUE's order. The mail is inserted once per row the write returns: a write that
+# stores nothing (ON CONFLICT DO NOTHING) queues nothing, and one that stores two rows
+# fails on the unique message_id, so a mail exists exactly when its row does.
+ENQUEUE_WITH = """
+WITH written AS (
+    {write}
+),
+inserted AS (
+    INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
+                        body_text, body_html, next_attempt_at)
+    SELECT ${m1}::text, ${m2}::text, ${m3}::text, ${m4}::text, ${m5}::text,
+           ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now())
+    FROM written
+    RETURNING id, created_at
+)
+SELECT written.*, inserted.id AS outbox_id, inserted.created_at AS outbox_created_at,
+       pg_notify('outbox_mail', '') AS outbox_notified  -- NOTIFY_CHANNEL
+FROM written, inserted
+"""
+
 # --- Claim ------------------------------------------------------------------------------
 # Take up to $1 due rows for dispatcher $2 and lease them for $3 seconds.
 #
