@@ -352,9 +352,10 @@ def _profile(
         part = _part(leaf) or "other"
         parts[part] = parts.get(part, 0) + count
         leaves[leaf] = leaves.get(leaf, 0) + count
-        for frame in set(frames):
-            if _part(frame) == _PARTS[0][0]:
-                project[frame] = project.get(frame, 0) + count
+        # Per function (a frame without its line number), counted once per sample.
+        for function in {frame.rpartition(":")[0] + ")" for frame in frames}:
+            if _part(function) == _PARTS[0][0]:
+                project[function] = project.get(function, 0) + count
     print(f"\nprofile of {target.name} ({total} samples; raw stacks in {out})")
     print("  CPU by the code running (self time):")
     for name, count in sorted(parts.items(), key=lambda item: -item[1]):
