@@ -154,6 +154,9 @@ class Dispatcher:
         self._records: asyncio.Queue[Outcome | Release | None] = asyncio.Queue()
         self._outstanding = 0  # claimed and not yet finished (queued or sending)
         self._last_beat = 0.0
+        #: time.monotonic() of the heartbeat that ended our last lapse: claims made before
+        #: it may have been taken over while we were silent, so they are never sent.
+        self._lapsed_at = 0.0
         self._smtp_failures = 0
         self._smtp_pause_until = 0.0
         self.started = asyncio.Event()
@@ -371,7 +374,11 @@ class Dispatcher:
                         True,
                         cfg.stale_after,
                     )
-                self._last_beat = time.monotonic()
+                now = time.monotonic()
+                if alive is None or self.fenced():
+                    # Silent long enough to be presumed dead: others may own our leases now.
+                    self._lapsed_at = now
+                self._last_beat = now
                 failures = 0
             except CONNECTION_ERRORS as exc:
                 failures += 1
@@ -447,6 +454,7 @@ class Dispatcher:
                 await self._sleep(cfg.heartbeat_interval)
                 continue
             self._wake.clear()
+            now = time.monotonic()  # before the claim: a lapse during it voids it too
             try:
                 rows = await self._pool.fetch(
                     queries.CLAIM,
@@ -460,7 +468,6 @@ class Dispatcher:
                 await self._db_trouble("claim", exc, failures)
                 continue
             failures = 0
-            now = time.monotonic()
             for row in rows:
                 self._outstanding += 1
                 self._queue.put_nowait(Claim(row, now + cfg.lease))
@@ -502,9 +509,16 @@ class Dispatcher:
         if pause > 0:
             await asyncio.sleep(min(pause, max(0.0, claim.deadline - time.monotonic())))
         budget = claim.deadline - time.monotonic() - self.config.lease_margin
-        if budget <= 0 or self.fenced():
+        lapsed = claim.deadline - self.config.lease < self._lapsed_at  # claimed before it
+        if budget <= 0 or self.fenced() or lapsed:
             # The lease may already belong to someone else: sending now could duplicate.
-            reason = "lease nearly expired" if budget <= 0 else "heartbeat not confirmed"
+            reason = (
+                "lease nearly expired"
+                if budget <= 0
+                else "heartbeat lapsed since the claim"
+                if lapsed
+                else "heartbeat not confirmed"
+            )
             self._records.put_nowait(Release(claim, reason))
             return
         row = claim.row
