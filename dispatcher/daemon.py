@@ -39,6 +39,12 @@ log = logging.getLogger("dispatcher")
 
 #: How often the LISTEN connection is probed with a query (a silent connection may be dead).
 LISTENER_PROBE_SECONDS = 5.0
+#: Errors after which the same transaction may simply be tried again.
+RECORD_RETRY_ERRORS: tuple[type[Exception], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
 #: How long shutdown waits for the last outcomes to be written before giving up on them.
 FLUSH_TIMEOUT_SECONDS = 10.0
 
@@ -597,6 +603,10 @@ class Dispatcher:
         while True:  # outcomes are never dropped: keep trying until the database is back
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
+                    if len(batch) > 1:
+                        await conn.execute(
+                            queries.LOCK_FOR_RECORD, [item.claim.id for item in batch]
+                        )
                     recorded = (
                         await conn.fetch(queries.RECORD, *self._record_args(outcomes))
                         if outcomes
@@ -609,7 +619,7 @@ class Dispatcher:
                             [r.claim.row["lease_token"] for r in releases],
                         )
                 break
-            except CONNECTION_ERRORS as exc:
+            except RECORD_RETRY_ERRORS as exc:
                 failures += 1
                 delay = full_jitter(failures, 0.2, 5.0) + 0.1
                 log.warning(

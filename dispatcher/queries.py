@@ -153,6 +153,11 @@ WHERE NOT EXISTS (
 RETURNING outbox_id, lease_lost
 """
 
+# Lock the rows a recording transaction is about to change, in id order. Two dispatchers
+# may record outcomes for the same rows (one of them after losing its lease); taking the
+# row locks in one global order means they queue behind each other instead of deadlocking.
+LOCK_FOR_RECORD = "SELECT id FROM outbox WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+
 # Hand claimed rows back unsent (shutdown, or a lease we no longer trust): pending again,
 # due now, and the attempt the claim counted is given back because none was made.
 RELEASE = """
@@ -188,6 +193,7 @@ RECLAIM_PREDECESSOR = """
 WITH orphans AS (
     SELECT id, attempts, leased_at FROM outbox
     WHERE status = 'sending' AND lease_owner = $1
+    ORDER BY id
     FOR UPDATE
 ),
 history AS (

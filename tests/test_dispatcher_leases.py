@@ -168,3 +168,35 @@ async def test_claim_plan_uses_the_partial_index(db: asyncpg.Pool) -> None:
             .replace("$4", "6")
         )
     assert "outbox_claim_idx" in "\n".join(r[0] for r in rows)
+
+
+async def test_overlapping_recordings_queue_instead_of_deadlocking(db: asyncpg.Pool) -> None:
+    """Two dispatchers recording the same rows (one has lost its lease) in opposite orders."""
+    import asyncio
+
+    await enqueue_many(db, 40)
+    claims = await db.fetch(queries.CLAIM, 40, "a", 30.0, STALE_AFTER)
+    now = datetime.now(UTC)
+
+    async def record(order: list[asyncpg.Record], name: str) -> None:
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute(queries.LOCK_FOR_RECORD, [c["id"] for c in order])
+            await conn.fetch(
+                queries.RECORD,
+                [c["id"] for c in order],
+                [c["lease_token"] for c in order],
+                [1] * len(order),
+                ["sent"] * len(order),
+                [250] * len(order),
+                ["ok"] * len(order),
+                [None] * len(order),
+                [now] * len(order),
+                [now] * len(order),
+                [0.0] * len(order),
+                name,
+            )
+
+    forward = sorted(claims, key=lambda c: c["id"])
+    for _ in range(5):
+        await asyncio.gather(record(forward, "a"), record(forward[::-1], "b"))
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'sent'") == 40
