@@ -10,13 +10,20 @@ import signal
 import sys
 from typing import Any
 
+from prometheus_client import REGISTRY, start_http_server
+
 from cli import args as types
 from dispatcher import logs
 from dispatcher.daemon import Dispatcher, DispatcherConfig, NameInUse
+from dispatcher.db import create_pool
+from dispatcher.queue_metrics import QueueCollector, QueueSample, sample_queue
 from dispatcher.settings import load_settings
 from dispatcher.smtp import SmtpConfig
 
 log = logging.getLogger("dispatcher")
+
+#: How often the queue gauges are refreshed for the metrics endpoint.
+QUEUE_SAMPLE_SECONDS = 5.0
 
 
 def register(sub: Any) -> None:
@@ -80,16 +87,31 @@ def run(ns: argparse.Namespace) -> int:
         grace=ns.grace,
     )
     metrics_port = ns.metrics_port or settings.dispatcher_metrics_port
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, addr="127.0.0.1")
     dispatcher = Dispatcher(config, settings.database_url, SmtpConfig.from_settings(settings))
-    return asyncio.run(_serve(dispatcher))
+    return asyncio.run(_serve(dispatcher, settings.database_url, metrics_port))
 
 
-async def _serve(dispatcher: Dispatcher) -> int:
+async def _sample_queue_forever(database_url: str, latest: list[QueueSample]) -> None:
+    """Keep the queue gauges of the metrics endpoint fresh (Prometheus scrapes are sync)."""
+    pool = await create_pool(
+        database_url, min_size=0, max_size=1, application_name="outbox-dispatcher-metrics"
+    )
+    try:
+        while True:
+            latest[:] = [await sample_queue(pool)]
+            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+    finally:
+        await pool.close()
+
+
+async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | None) -> int:
     loop = asyncio.get_running_loop()
+    sampler = None
+    if metrics_port:
+        latest: list[QueueSample] = []
+        REGISTRY.register(QueueCollector(lambda: latest[0] if latest else None))
+        start_http_server(metrics_port, addr="127.0.0.1")
+        sampler = asyncio.create_task(_sample_queue_forever(database_url, latest))
     received: list[int] = []
 
     def on_signal(signum: int) -> None:
@@ -113,4 +135,7 @@ async def _serve(dispatcher: Dispatcher) -> int:
     except NameInUse as exc:
         print(f"outbox dispatcher: --name {exc} is in use by a live dispatcher", file=sys.stderr)
         return 2
+    finally:
+        if sampler is not None:
+            sampler.cancel()
     return 1 if dispatcher.crashed else 0

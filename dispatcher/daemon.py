@@ -31,8 +31,8 @@ import asyncpg
 from dispatcher import metrics, queries
 from dispatcher.backoff import full_jitter
 from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, create_pool
-from dispatcher.message import build_message
-from dispatcher.settings import Settings, parse_address
+from dispatcher.message import build_message, sender_address
+from dispatcher.settings import Settings
 from dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict
 
 log = logging.getLogger("dispatcher")
@@ -481,8 +481,21 @@ class Dispatcher:
                 metrics.CLAIM_BATCH.observe(len(rows))
                 log.debug("claim", extra={"dispatcher": cfg.name, "rows": len(rows)})
             if len(rows) < min(room, cfg.batch_size):
-                # Drained: sleep until NOTIFY, the poll interval, or a stop.
-                await self._wait_any(self._wake, cfg.poll_interval)
+                # Drained: sleep until NOTIFY, the next scheduled retry, the poll interval
+                # or a stop, whichever comes first (retries are not announced by NOTIFY).
+                await self._wait_any(self._wake, await self._idle_seconds())
+
+    async def _idle_seconds(self) -> float:
+        """How long the claimer may sleep: until the next deferred mail is due, at most."""
+        assert self._pool is not None
+        try:
+            due_in = await self._pool.fetchval(queries.NEXT_DUE_IN)
+        except CONNECTION_ERRORS:
+            return self.config.poll_interval
+        if due_in is None:
+            return self.config.poll_interval
+        # Due already but not claimable (locked by someone else's claim): look again soon.
+        return min(self.config.poll_interval, max(0.1, float(due_in)))
 
     async def _wait_any(self, event: asyncio.Event, seconds: float) -> None:
         """Wait for ``event``, a stop request, or ``seconds``, whichever comes first."""
@@ -531,7 +544,7 @@ class Dispatcher:
         started_at = datetime.now(UTC)
         try:
             message = build_message(row).as_bytes()
-            sender = parse_address(row["sender"]).addr_spec
+            sender = sender_address(row["sender"]).addr_spec
         except (ValueError, TypeError, LookupError) as exc:  # a row no server could accept
             result = SendResult(Verdict.PERMANENT, error=f"cannot render the message: {exc}")
             self._records.put_nowait(self._decide(claim, result, started_at))

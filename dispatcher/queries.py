@@ -106,6 +106,13 @@ RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject
           o.lease_expires_at
 """
 
+# Seconds until the earliest pending mail is due (negative if one already is, NULL if
+# none is pending): lets an idle dispatcher wake for a scheduled retry on time. Served by
+# outbox_claim_idx ('pending' implies its predicate).
+NEXT_DUE_IN = """
+SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM outbox WHERE status = 'pending'
+"""
+
 # --- Record outcomes ----------------------------------------------------------------------
 # Record a batch of send outcomes in one statement (arrays, one element per mail).
 # Each row changes only if it is still 'sending' under the lease token we were given: a

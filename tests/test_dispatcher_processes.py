@@ -217,3 +217,34 @@ async def test_a_dispatcher_name_in_use_is_refused(
         assert code == 2
         assert "--name taken is in use" in err
         assert await live_dispatchers(db) == {"taken"}
+
+
+async def test_metrics_port_serves_delivery_and_queue_metrics(
+    database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
+) -> None:
+    import httpx
+
+    from cli.embedded_pg import free_port
+
+    port = free_port()
+    await enqueue_many(db, 3)
+    proc = spawn_dispatcher(database_url, smtp_server, "metered", "--metrics-port", str(port))
+    try:
+        await wait_until(lambda: _count(db, "sent", 3), what="3 mails sent")
+
+        async def scraped() -> bool:
+            try:
+                async with httpx.AsyncClient() as http:
+                    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            except httpx.HTTPError:
+                return False
+            return (
+                'outbox_mails_total{outcome="sent"} 3.0' in text
+                and 'outbox_rows{status="sent"} 3.0' in text
+                and "outbox_live_dispatchers 1.0" in text
+                and "outbox_database_up 1.0" in text
+            )
+
+        await wait_until(scraped, timeout=15, interval=0.5, what="the metrics to show 3 sent")
+    finally:
+        assert await _stop(proc) == 0
