@@ -126,6 +126,13 @@ def register(sub: Any) -> None:
 def _database_url() -> str:
     url = load_settings().database_url
     if url is None:
+        # No DATABASE_URL: an `outbox dev` running here is the obvious database to audit.
+        from cli.dev import running_dev_database
+
+        url = running_dev_database()
+        if url is not None:
+            print(f"(DATABASE_URL not set: using the outbox dev database, {url})", file=sys.stderr)
+            return url
         print(
             "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
             file=sys.stderr,

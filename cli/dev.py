@@ -27,6 +27,22 @@ from dispatcher.settings import load_settings
 GRACE_SECONDS = 30.0
 
 
+def default_data_dir() -> Path:
+    """``$OUTBOX_DATA_DIR``, else ``./.outbox``."""
+    return Path(os.environ.get("OUTBOX_DATA_DIR", ".outbox"))
+
+
+def running_dev_database(data_dir: Path | None = None) -> str | None:
+    """The URL of the database of a running ``outbox dev`` in ``data_dir``, if any."""
+    from cli.embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres((data_dir or default_data_dir()) / "postgres")
+    if not (pg.pgdata / "postmaster.pid").exists() or not pg.running():
+        return None
+    pg.port = pg.running_port() or 0
+    return pg.url("outbox") if pg.port else None
+
+
 def register(sub: Any) -> None:
     """Add the ``dev`` command to the parser."""
     parser = sub.add_parser("dev", help="run everything locally with zero set-up")
@@ -35,7 +51,7 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("OUTBOX_DATA_DIR", ".outbox")),
+        default=default_data_dir(),
         help="where the embedded database and received mail live (default ./.outbox)",
     )
     parser.set_defaults(handler=run)

@@ -120,7 +120,8 @@ class EmbeddedPostgres:
             return False
         return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False).returncode == 0
 
-    def _running_port(self) -> int | None:
+    def running_port(self) -> int | None:
+        """The port of the running postmaster, from its pid file."""
         pidfile = self.pgdata / "postmaster.pid"
         try:
             lines = pidfile.read_text().splitlines()
@@ -143,7 +144,7 @@ class EmbeddedPostgres:
                 "--locale=C",
             )
         if self.running():
-            self.port = self._running_port() or self.port
+            self.port = self.running_port() or self.port
             return self.url()
         port_file = self.root / "port"
         preferred = int(port_file.read_text()) if port_file.exists() else None

@@ -6,6 +6,7 @@ way a newcomer does after cloning the repository.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import TypeVar
 import httpx
 
 from cli.embedded_pg import free_port
+from tests.dispatching import ROOT
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 T = TypeVar("T")
@@ -202,6 +204,23 @@ def test_outbox_dev_end_to_end(tmp_path: Path) -> None:
         assert response.status_code == 201, response.text
         assert response.json()["id"] > registered["id"]
         _wait_for_mail(data / "mail", response.json()["message_id"])
+
+        # Without DATABASE_URL, the audit commands find the running dev database.
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        status = subprocess.run(
+            [sys.executable, "-m", "cli.main", "list", "--json"],
+            cwd=ROOT,
+            env={**env, "OUTBOX_DATA_DIR": str(data)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "using the outbox dev database" in status.stderr
+        assert {"ada@example.com", "bob@example.com"} <= {
+            item["recipient"] for item in json.loads(status.stdout)["items"]
+        }
         _ctrl_c(process, log)
     _assert_no_orphans(data)
     assert sorted(os.listdir(cwd)) == ["data"]
