@@ -290,13 +290,31 @@ class Dispatcher:
                 await self._db_trouble(event, exc, attempt)
         return None
 
-    async def _db_trouble(self, event: str, exc: BaseException, attempt: int) -> None:
+    async def _db_trouble(
+        self,
+        event: str,
+        exc: BaseException,
+        attempt: int,
+        *,
+        interruptible: bool = True,
+        **fields: Any,
+    ) -> None:
+        """Log a database failure, then back off (capped, jittered) before the next try.
+
+        ``interruptible``: a stop request cuts the wait short (not for work that must
+        finish, like recording outcomes).
+        """
         delay = full_jitter(attempt, 0.2, 5.0) + 0.1
         log.warning(
             event + ".failed",
-            extra={"dispatcher": self.config.name, "error": repr(exc), "retry_in": round(delay, 2)},
+            extra={
+                "dispatcher": self.config.name,
+                "error": repr(exc),
+                "retry_in": round(delay, 2),
+                **fields,
+            },
         )
-        await self._sleep(delay)
+        await (self._sleep(delay) if interruptible else asyncio.sleep(delay))
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early when a stop is requested."""
@@ -423,16 +441,7 @@ class Dispatcher:
                 log.warning("listener.lost", extra={"dispatcher": self.config.name})
             except CONNECTION_ERRORS as exc:
                 attempt += 1
-                delay = full_jitter(attempt, 0.2, 5.0) + 0.1
-                log.warning(
-                    "listener.failed",
-                    extra={
-                        "dispatcher": self.config.name,
-                        "error": repr(exc),
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
+                await self._db_trouble("listener", exc, attempt, interruptible=False)
             finally:
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
@@ -634,17 +643,9 @@ class Dispatcher:
                 break
             except RECORD_RETRY_ERRORS as exc:
                 failures += 1
-                delay = full_jitter(failures, 0.2, 5.0) + 0.1
-                log.warning(
-                    "record.failed",
-                    extra={
-                        "dispatcher": self.config.name,
-                        "pending_outcomes": len(batch),
-                        "error": repr(exc),
-                        "retry_in": round(delay, 2),
-                    },
+                await self._db_trouble(
+                    "record", exc, failures, interruptible=False, pending_outcomes=len(batch)
                 )
-                await asyncio.sleep(delay)
         lost = {row["outbox_id"] for row in recorded if row["lease_lost"]}
         for item in outcomes:
             self._log_outcome(item, item.claim.id in lost)
