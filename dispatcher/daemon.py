@@ -229,8 +229,9 @@ class Dispatcher:
         background: list[asyncio.Task[None]],
     ) -> None:
         # The claimer notices the stop between claims; it is not cancelled mid-claim, so a
-        # committed claim is never lost on the way back to us.
-        await claimer
+        # committed claim is never lost on the way back to us. (A task that crashed was
+        # already reported by _on_task_done: shut down the rest all the same.)
+        await asyncio.gather(claimer, return_exceptions=True)
         unstarted = 0
         while not self._queue.empty():
             claim = self._queue.get_nowait()
@@ -248,16 +249,16 @@ class Dispatcher:
                 extra={"dispatcher": self.config.name, "abandoned_sends": len(late)},
             )
         self._records.put_nowait(None)
-        try:
-            await asyncio.wait_for(recorder, FLUSH_TIMEOUT_SECONDS)
-        except TimeoutError:
+        _, unflushed = await asyncio.wait([recorder], timeout=FLUSH_TIMEOUT_SECONDS)
+        if unflushed:
+            recorder.cancel()
             log.error(
                 "dispatcher.unrecorded_outcomes",
                 extra={"dispatcher": self.config.name, "count": self._records.qsize()},
             )
         for task in background:
             task.cancel()
-        await asyncio.gather(*late, *background, return_exceptions=True)
+        await asyncio.gather(*late, *background, recorder, return_exceptions=True)
         assert self._pool is not None
         # If this fails our heartbeat goes stale instead, and others take over after that.
         with contextlib.suppress(*CONNECTION_ERRORS):
