@@ -20,6 +20,9 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.ConnectionFailureError,
     asyncpg.TooManyConnectionsError,
+    # A pooled connection the server terminated while it sat idle (pg_terminate_backend, a
+    # restart) fails its next use with this instead, until asyncpg notices the close.
+    asyncpg.InternalClientError,
 )
 
 _SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
