@@ -56,6 +56,17 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, *parts[2:]))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo, so release sends no query.
+
+    Pool users keep no session state (no SET, advisory lock, cursor or LISTEN; asyncpg
+    still rolls back an open transaction first). asyncpg's default reset runs a query on
+    every release, and when the server terminates the connection just after a statement
+    succeeded, that query fails and the release raises, discarding the statement's
+    result: a committed claim was then unknown to its dispatcher until its lease expired.
+    """
+
+
 async def create_pool(
     url: str,
     *,
@@ -72,6 +83,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         command_timeout=command_timeout,
+        reset=_keep_session,
         server_settings={"timezone": "UTC", "application_name": application_name[:63]},
     )
     assert pool is not None
