@@ -1,0 +1,142 @@
+"""Schemathesis against a real ``outbox api`` process and a real database.
+
+Every operation of the OpenAPI schema (registration, probes, metrics and the admin
+endpoints) gets generated requests, each sent twice: without credentials (or with
+whatever Authorization header was generated) and with the valid admin Bearer token.
+No answer may be a 5xx, every answer must match the schema (documented status code,
+content type, headers and body), and no admin endpoint may ignore its authentication.
+About 10 seconds with the default 100 examples per operation (SCHEMATHESIS_EXAMPLES).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.specs.openapi.checks import ignored_auth
+
+from api.app import create_app
+from cli.embedded_pg import free_port
+from dispatcher.settings import Settings
+from tests.conftest import TEMPLATE, PgServer, _admin
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "schemathesis-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    ignored_auth,  # the admin endpoints refuse requests without the token, or a wrong one
+]
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "100"))
+
+
+async def _seed(database_url: str) -> None:
+    """A few mails in various states, so that reads return real rows and history."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            UPDATE outbox SET status = 'failed', last_error = 'seeded', attempts = 3
+            WHERE id = (SELECT min(id) FROM outbox);
+            INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at,
+                                         finished_at, outcome, smtp_code, smtp_reply)
+            SELECT id, 1, 'seed', now(), now(), 'deferred', 451, 'try later' FROM outbox;
+            """
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def api_url(pg_server: PgServer) -> Iterator[str]:
+    """A real ``outbox api`` process with ADMIN_TOKEN set, on a fresh database."""
+    name = f"outbox_schemathesis_{os.getpid()}"
+    database_url = pg_server.url(name)
+    asyncio.run(_admin(pg_server.admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "ADMIN_TOKEN": TOKEN}
+    with tempfile.NamedTemporaryFile(prefix="api-schemathesis-", suffix=".log") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, Path(log.name).read_text()
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the API did not become ready"
+                time.sleep(0.1)
+            for i in range(3):
+                body = {"email": f"seed-{i}@example.com", "name": f"Seed {i}"}
+                assert httpx.post(f"{url}/register", json=body).status_code == 201
+            asyncio.run(_seed(database_url))
+            yield url
+        finally:
+            proc.kill()
+            proc.wait(10)
+            errors = [
+                line
+                for line in Path(log.name).read_text().splitlines()
+                if '"level": "error"' in line
+            ]
+            asyncio.run(_admin(pg_server.admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    assert not errors, "\n".join(errors[:5])
+
+
+def _openapi() -> dict[str, object]:
+    # The schema of the app itself, at import time (pytest parametrizes per operation before
+    # any fixture runs); the test checks that the running process serves the same one.
+    settings = Settings(database_url="postgresql://schema-only/none", admin_token=TOKEN)  # type: ignore[arg-type]
+    return create_app(settings).openapi()
+
+
+OPENAPI = _openapi()
+schema = schemathesis.openapi.from_dict(OPENAPI)
+
+
+def test_the_process_serves_the_schema_under_test(api_url: str) -> None:
+    assert httpx.get(f"{api_url}/openapi.json").json() == OPENAPI
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_no_server_error_and_every_answer_matches_the_schema(
+    case: schemathesis.Case, api_url: str
+) -> None:
+    case.call_and_validate(base_url=api_url, checks=CHECKS)
+    case.call_and_validate(base_url=api_url, headers=AUTH, checks=CHECKS)
