@@ -1,0 +1,1 @@
+"""Crash-and-fault scenarios with real processes (``./run chaos``); see conftest.py."""
