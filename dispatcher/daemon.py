@@ -159,6 +159,8 @@ class Dispatcher:
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue()
         self._records: asyncio.Queue[Outcome | Release | None] = asyncio.Queue()
         self._outstanding = 0  # claimed and not yet finished (queued or sending)
+        #: Ids of rows we hold a lease on, until their outcome or release is written.
+        self._held: set[int] = set()
         self._last_beat = 0.0
         #: time.monotonic() of the heartbeat that ended our last lapse: claims made before
         #: it may have been taken over while we were silent, so they are never sent.
@@ -454,7 +456,10 @@ class Dispatcher:
         assert self._pool is not None
         high_water = 2 * cfg.concurrency
         failures = 0
+        unsure = False  # a claim failed: it may have committed without our learning of it
         while not self._stop.is_set():
+            if unsure:
+                unsure = not await self._release_unknown()
             room = high_water - self._outstanding
             wanted = min(cfg.batch_size, high_water)
             # Claim in batches: wait for a batch's worth of room unless workers are idle.
@@ -481,11 +486,13 @@ class Dispatcher:
                 )
             except CONNECTION_ERRORS as exc:
                 failures += 1
+                unsure = True
                 await self._db_trouble("claim", exc, failures)
                 continue
             failures = 0
             for row in rows:
                 self._outstanding += 1
+                self._held.add(row["id"])
                 self._queue.put_nowait(Claim(row, now + cfg.lease))
             if rows:
                 metrics.CLAIM_BATCH.observe(len(rows))
@@ -494,6 +501,26 @@ class Dispatcher:
                 # Drained: sleep until NOTIFY, the next scheduled retry, the poll interval
                 # or a stop, whichever comes first (retries are not announced by NOTIFY).
                 await self._wait_any(self._wake, await self._idle_seconds())
+
+    async def _release_unknown(self) -> bool:
+        """Hand back rows leased to us that we never heard of; False if the database is away.
+
+        A claim whose connection died after the commit leaves rows leased to this live
+        dispatcher that no worker will ever send; without this they would wait for their
+        lease to expire.
+        """
+        assert self._pool is not None
+        try:
+            rows = await self._pool.fetch(
+                queries.RELEASE_UNKNOWN, self.config.name, list(self._held)
+            )
+        except CONNECTION_ERRORS:
+            return False
+        if rows:
+            log.warning(
+                "claim.recovered", extra={"dispatcher": self.config.name, "rows": len(rows)}
+            )
+        return True
 
     async def _idle_seconds(self) -> float:
         """How long the claimer may sleep: until the next deferred mail is due, at most."""
@@ -647,6 +674,7 @@ class Dispatcher:
                 await self._db_trouble(
                     "record", exc, failures, interruptible=False, pending_outcomes=len(batch)
                 )
+        self._held.difference_update(item.claim.id for item in batch)
         lost = {row["outbox_id"] for row in recorded if row["lease_lost"]}
         for item in outcomes:
             self._log_outcome(item, item.claim.id in lost)

@@ -177,6 +177,17 @@ WHERE o.id = t.id AND o.lease_token = t.token AND o.status = 'sending'
 RETURNING o.id
 """
 
+# Release rows leased to dispatcher $1 other than the ids $2 it knows it holds: they come
+# from a claim that committed while its connection died, so nobody is sending them.
+RELEASE_UNKNOWN = """
+UPDATE outbox
+SET status = 'pending', attempts = attempts - 1,
+    lease_owner = NULL, lease_token = NULL, leased_at = NULL, lease_expires_at = NULL,
+    next_attempt_at = now(), updated_at = now()
+WHERE status = 'sending' AND lease_owner = $1 AND NOT (id = ANY($2::bigint[]))
+RETURNING id
+"""
+
 # --- Dispatcher liveness -------------------------------------------------------------------
 # Register dispatcher $1 (host $2, pid $3), or take the name over from an instance that
 # stopped beating $5 seconds ago. Returns no row when a live dispatcher holds the name.

@@ -200,3 +200,17 @@ async def test_overlapping_recordings_queue_instead_of_deadlocking(db: asyncpg.P
     for _ in range(5):
         await asyncio.gather(record(forward, "a"), record(forward[::-1], "b"))
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'sent'") == 40
+
+
+async def test_rows_from_a_claim_whose_reply_was_lost_are_released(db: asyncpg.Pool) -> None:
+    await enqueue_many(db, 3)
+    await _beat(db, "a")
+    claimed = await db.fetch(queries.CLAIM, 3, "a", 30.0, STALE_AFTER)
+    known = claimed[0]["id"]  # the dispatcher heard of one row; the reply for two was lost
+    released = await db.fetch(queries.RELEASE_UNKNOWN, "a", [known])
+    assert {r["id"] for r in released} == {c["id"] for c in claimed[1:]}
+    rows = {r["id"]: r for r in await db.fetch("SELECT id, status, attempts FROM outbox")}
+    assert rows[known]["status"] == "sending"
+    assert all(
+        rows[c["id"]]["status"] == "pending" and rows[c["id"]]["attempts"] == 0 for c in claimed[1:]
+    )
