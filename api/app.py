@@ -14,39 +14,13 @@ from fastapi.responses import JSONResponse
 
 from api import admin, health, metrics, registration
 from dispatcher import logs
-from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn
+from dispatcher.db import CONNECTION_ERRORS, create_pool
 from dispatcher.settings import Settings, load_settings
 
 log = logging.getLogger("api")
 
 #: Database connections per API process (each uvicorn worker has its own pool).
 POOL_SIZE = 20
-
-
-async def _no_session_state_to_reset(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: the API never changes session state, so there is nothing to undo.
-
-    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
-    UNLISTEN *; RESET ALL`` on every release: one more round trip per request. The API
-    uses no advisory locks, cursors outside transactions, LISTEN or SET, so it skips that.
-    An open transaction is still rolled back by asyncpg before this hook runs.
-    """
-
-
-async def _create_pool(database_url: str) -> asyncpg.Pool:
-    # min_size=0: the API starts (and answers 503) even while the database is down,
-    # and connects on the first request once it is back.
-    pool = await asyncpg.create_pool(
-        asyncpg_dsn(database_url),
-        min_size=0,
-        max_size=POOL_SIZE,
-        timeout=5.0,  # connect timeout
-        command_timeout=30.0,
-        reset=_no_session_state_to_reset,
-        server_settings={"timezone": "UTC", "application_name": "outbox-api"},
-    )
-    assert pool is not None
-    return pool
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,7 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = await _create_pool(database_url)
+        # min_size=0: the API starts (and answers 503) even while the database is down,
+        # and connects on the first request once it is back.
+        app.state.pool = await create_pool(
+            database_url, min_size=0, max_size=POOL_SIZE, application_name="outbox-api"
+        )
         # asyncpg's pool hands a released connection to whichever task asks first, so
         # under load a request woken for a connection can lose it to a newcomer, again and
         # again: a long latency tail. This semaphore is first come, first served, and
@@ -110,11 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error; nothing was stored"}, status_code=500)
 
     # Unavailable: the server is unreachable, restarting, or out of connection slots.
-    unavailable: tuple[type[Exception], ...] = (
-        *CONNECTION_ERRORS,
-        asyncpg.TooManyConnectionsError,
-    )
-    for error in unavailable:
+    for error in CONNECTION_ERRORS:
         app.add_exception_handler(error, _db_down)
     # Any other database error (a failing constraint or trigger, a bug in a query).
     app.add_exception_handler(asyncpg.PostgresError, _internal_error)
