@@ -45,6 +45,8 @@ RECORD_RETRY_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+#: Longest pause of all sending while the SMTP server cannot be reached (seconds).
+SMTP_PAUSE_CAP = 10.0
 #: How long shutdown waits for the last outcomes to be written before giving up on them.
 FLUSH_TIMEOUT_SECONDS = 10.0
 
@@ -605,9 +607,13 @@ class Dispatcher:
         if not result.connection_problem:
             self._smtp_failures = 0
             return
+        now = time.monotonic()
+        if now < self._smtp_pause_until:
+            return  # another worker's failure in the same round already set the pause
+        # One failed round lengthens the pause, however many workers failed in it; capped
+        # low, so delivery resumes within seconds of the server coming back.
         self._smtp_failures += 1
-        delay = full_jitter(self._smtp_failures, 0.5, 30.0)
-        self._smtp_pause_until = max(self._smtp_pause_until, time.monotonic() + delay)
+        self._smtp_pause_until = now + 0.5 + full_jitter(self._smtp_failures, 0.5, SMTP_PAUSE_CAP)
 
     def _decide(self, claim: Claim, result: SendResult, started_at: datetime) -> Outcome:
         cfg = self.config
