@@ -1,7 +1,18 @@
-"""Build the MIME message for an outbox row: a pure function of the row's columns."""
+"""Build the MIME message for an outbox row: a pure function of the row's columns.
+
+The headers are built by :class:`email.message.EmailMessage` from
+:class:`email.headerregistry.Address` objects (encoding, quoting and CR/LF safety are the
+email package's). The body parts have a fixed shape (UTF-8 text, quoted-printable), so
+they are encoded directly with :func:`binascii.b2a_qp` instead of going through the
+email package's content manager, which costs more CPU than everything else the
+dispatcher does for a mail. Quoted-printable keeps the body 7-bit and line-length safe
+for any content, and ``=`` is always encoded in it, so the boundary (which starts with
+``=_``) can never occur inside a part.
+"""
 
 from __future__ import annotations
 
+import binascii
 import functools
 import hashlib
 from email import policy
@@ -32,9 +43,30 @@ def build_message(row: Any) -> EmailMessage:
     msg["Subject"] = row["subject"]
     msg["Date"] = format_datetime(row["created_at"])
     msg["Message-ID"] = row["message_id"]
-    msg.set_content(row["body_text"])
-    if row["body_html"] is not None:
-        digest = hashlib.sha256(row["message_id"].encode()).hexdigest()[:32]
-        msg.make_alternative(boundary=f"=_outbox_{digest}")
-        msg.add_alternative(row["body_html"], subtype="html")
+    msg["MIME-Version"] = "1.0"
+    if row["body_html"] is None:
+        msg["Content-Type"] = 'text/plain; charset="utf-8"'
+        msg["Content-Transfer-Encoding"] = "quoted-printable"
+        msg.set_payload(_quoted_printable(row["body_text"]))
+        return msg
+    boundary = "=_outbox_" + hashlib.sha256(row["message_id"].encode()).hexdigest()[:32]
+    msg["Content-Type"] = f'multipart/alternative; boundary="{boundary}"'
+    # A multipart message whose payload is a string is written out as it is.
+    msg.set_payload(
+        f"--{boundary}\r\n{_part('plain', row['body_text'])}\r\n"
+        f"--{boundary}\r\n{_part('html', row['body_html'])}\r\n"
+        f"--{boundary}--\r\n"
+    )
     return msg
+
+
+def _quoted_printable(text: str) -> str:
+    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
+    return encoded.replace("\r\n", "\n").replace("\n", "\r\n")
+
+
+def _part(subtype: str, text: str) -> str:
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n" + _quoted_printable(text)
+    )
