@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from api import admin, health, metrics, registration
 from dispatcher import logs
 from dispatcher.db import CONNECTION_ERRORS, create_pool
-from dispatcher.settings import Settings, load_settings
+from dispatcher.settings import Settings, load_settings, require_database_url
 
 log = logging.getLogger("api")
 
@@ -29,9 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:
         logs.configure()
         settings = load_settings()
-    if settings.database_url is None:
-        raise SystemExit("invalid setting DATABASE_URL: required by the API")
-    database_url = settings.database_url
+    database_url = require_database_url(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ import asyncpg
 from cli import args as types
 from dispatcher import operations as ops
 from dispatcher.db import CONNECTION_ERRORS, Connection, asyncpg_dsn, redact
-from dispatcher.settings import load_settings
+from dispatcher.settings import load_settings, require_database_url
 
 CONNECT_TIMEOUT = 5.0
 
@@ -124,8 +124,8 @@ def register(sub: Any) -> None:
 
 
 def _database_url() -> str:
-    url = load_settings().database_url
-    if url is None:
+    settings = load_settings()
+    if settings.database_url is None:
         # No DATABASE_URL: an `outbox dev` running here is the obvious database to audit.
         from cli.dev import running_dev_database
 
@@ -133,12 +133,7 @@ def _database_url() -> str:
         if url is not None:
             print(f"(DATABASE_URL not set: using the outbox dev database, {url})", file=sys.stderr)
             return url
-        print(
-            "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return url
+    return require_database_url(settings)
 
 
 def _run(command: str, work: Callable[[Connection], Awaitable[int]]) -> int:

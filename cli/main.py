@@ -7,17 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from cli import args as types
-from dispatcher.settings import Settings, load_settings
-
-
-def _require_database(settings: Settings) -> str:
-    if settings.database_url is None:
-        print(
-            "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return settings.database_url
+from dispatcher.settings import load_settings, require_database_url
 
 
 def cmd_migrate(ns: argparse.Namespace) -> int:
@@ -25,7 +15,7 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
     from cli import migrate
     from dispatcher.db import redact
 
-    url = _require_database(load_settings())
+    url = require_database_url(load_settings())
     migrate.upgrade_or_exit(url, "outbox migrate")
     print(f"schema is at head on {redact(url)}")
     return 0
@@ -38,7 +28,7 @@ def cmd_api(ns: argparse.Namespace) -> int:
     from dispatcher import logs
 
     logs.configure()
-    _require_database(load_settings())  # fail here, naming the setting, not in each worker
+    require_database_url(load_settings())  # fail here, naming the setting, not in each worker
     uvicorn.run(
         "api.app:create_app",
         factory=True,

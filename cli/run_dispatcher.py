@@ -17,7 +17,7 @@ from dispatcher import logs
 from dispatcher.daemon import Dispatcher, DispatcherConfig, NameInUse
 from dispatcher.db import create_pool
 from dispatcher.queue_metrics import QueueCollector, QueueSample, sample_queue
-from dispatcher.settings import load_settings
+from dispatcher.settings import load_settings, require_database_url
 from dispatcher.smtp import SmtpConfig
 
 log = logging.getLogger("dispatcher")
@@ -73,9 +73,7 @@ def run(ns: argparse.Namespace) -> int:
     """Start the daemon; exit 0 after a graceful stop."""
     logs.configure()
     settings = load_settings()
-    if settings.database_url is None:
-        print("invalid setting DATABASE_URL: not set", file=sys.stderr)
-        return 2
+    database_url = require_database_url(settings)
     config = DispatcherConfig.from_settings(
         settings,
         name=ns.name,
@@ -87,8 +85,8 @@ def run(ns: argparse.Namespace) -> int:
         grace=ns.grace,
     )
     metrics_port = ns.metrics_port or settings.dispatcher_metrics_port
-    dispatcher = Dispatcher(config, settings.database_url, SmtpConfig.from_settings(settings))
-    return asyncio.run(_serve(dispatcher, settings.database_url, metrics_port))
+    dispatcher = Dispatcher(config, database_url, SmtpConfig.from_settings(settings))
+    return asyncio.run(_serve(dispatcher, database_url, metrics_port))
 
 
 async def _sample_queue_forever(database_url: str, latest: list[QueueSample]) -> None:

@@ -114,3 +114,14 @@ def load_settings(**overrides: object) -> Settings:
             lines.append(f"invalid setting {name}: {error['msg']}")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def require_database_url(settings: Settings) -> str:
+    """DATABASE_URL, or exit (code 2) with a message naming the setting."""
+    if settings.database_url is None:
+        print(
+            "invalid setting DATABASE_URL: not set (e.g. postgresql://user@host/db)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return settings.database_url
