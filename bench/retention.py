@@ -155,7 +155,7 @@ async def dispatcher_worker(pool: asyncpg.Pool, name: str, batch: int, stats: St
     async with pool.acquire() as conn:
         while True:
             clock = time.perf_counter()
-            rows = await conn.fetch(queries.CLAIM, batch, name, LEASE_SECONDS, HEARTBEAT_SECONDS)
+            rows = await conn.fetch(queries.CLAIM, batch, name, LEASE_SECONDS, HEARTBEAT_SECONDS, 5)
             stats.claim_seconds += time.perf_counter() - clock
             stats.claims += 1
             if not rows:
@@ -187,6 +187,7 @@ async def dispatcher_worker(pool: asyncpg.Pool, name: str, batch: int, stats: St
                 [finished] * n,
                 [0.0] * n,  # deferred mail is due again at once
                 name,
+                ["end_of_data"] * n,
             )
 
 
@@ -214,7 +215,7 @@ async def measure(conn: asyncpg.Connection) -> dict[str, float]:
     claim_times = []
     for _ in range(25):
         clock = time.perf_counter()
-        await conn.fetch(queries.CLAIM, 100, "bench-probe", LEASE_SECONDS, HEARTBEAT_SECONDS)
+        await conn.fetch(queries.CLAIM, 100, "bench-probe", LEASE_SECONDS, HEARTBEAT_SECONDS, 5)
         claim_times.append(time.perf_counter() - clock)
     scrape_times = []
     for _ in range(10):
@@ -380,7 +381,7 @@ async def push(ns: argparse.Namespace, pool: asyncpg.Pool) -> int:
         await enqueue_chunk(conn, ns.total, 500)
         await conn.execute("ANALYZE outbox")
         await explain(
-            conn, "claim (uses outbox_claim_idx)", queries.CLAIM, 32, "explain", 60.0, 10.0
+            conn, "claim (uses outbox_claim_idx)", queries.CLAIM, 32, "explain", 60.0, 10.0, 5
         )
         prune_select = (
             "SELECT id FROM outbox WHERE (created_at, id) > ($1, $2) AND created_at < $3 "

@@ -31,7 +31,7 @@ import asyncpg
 from dispatcher import metrics, queries
 from dispatcher.backoff import full_jitter
 from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, create_pool
-from dispatcher.message import build_message, sender_address
+from dispatcher.message import build_message
 from dispatcher.settings import Settings
 from dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict
 
@@ -66,6 +66,8 @@ class DispatcherConfig:
     lease: float = 120.0
     heartbeat_interval: float = 2.0
     max_attempts: int = 15
+    #: A row whose dispatcher vanished with it this many times is failed (circuit breaker).
+    max_abandons: int = 5
     max_age: float = 3 * 86400.0
     retry_base: float = 5.0
     retry_cap: float = 1800.0
@@ -92,6 +94,7 @@ class DispatcherConfig:
             lease=settings.dispatcher_lease,
             heartbeat_interval=settings.dispatcher_heartbeat_interval,
             max_attempts=settings.dispatcher_max_attempts,
+            max_abandons=settings.dispatcher_max_abandons,
             max_age=settings.dispatcher_max_age,
             retry_base=settings.dispatcher_retry_base,
             retry_cap=settings.dispatcher_retry_cap,
@@ -131,7 +134,7 @@ class Outcome:
     """A finished attempt, waiting to be recorded."""
 
     claim: Claim
-    outcome: str  # sent | deferred | failed
+    outcome: str  # sent | deferred | unknown | failed
     result: SendResult
     started_at: datetime
     finished_at: datetime
@@ -169,6 +172,9 @@ class Dispatcher:
         self._lapsed_at = 0.0
         self._smtp_failures = 0
         self._smtp_pause_until = 0.0
+        #: Why the SMTP server cannot be reached right now (None: it can).
+        self._smtp_error: str | None = None
+        self._beat_now = asyncio.Event()
         self.started = asyncio.Event()
         #: Set when a task died of an unexpected error (the process should exit non-zero).
         self.crashed = False
@@ -346,7 +352,9 @@ class Dispatcher:
                         cfg.stale_after,
                     )
                     if taken is not None:
-                        orphans = await conn.fetch(queries.RECLAIM_PREDECESSOR, cfg.name)
+                        orphans = await conn.fetch(
+                            queries.RECLAIM_PREDECESSOR, cfg.name, cfg.max_abandons
+                        )
                         await conn.execute(queries.FORGET_GONE_DISPATCHERS)
                 if taken is not None:
                     self._last_beat = time.monotonic()
@@ -392,7 +400,7 @@ class Dispatcher:
         while True:
             try:
                 alive = await self._pool.fetchval(
-                    queries.HEARTBEAT, cfg.name, timeout=cfg.heartbeat_interval
+                    queries.HEARTBEAT, cfg.name, self._smtp_error, timeout=cfg.heartbeat_interval
                 )
                 if alive is None:  # our row was removed (e.g. by an operator): re-register
                     await self._pool.fetchval(
@@ -416,7 +424,8 @@ class Dispatcher:
                         "heartbeat.failed",
                         extra={"dispatcher": cfg.name, "error": repr(exc), "failures": failures},
                     )
-            await asyncio.sleep(cfg.heartbeat_interval)
+            self._beat_now.clear()
+            await self._wait_any(self._beat_now, cfg.heartbeat_interval)
 
     async def _listen_loop(self) -> None:
         """LISTEN for enqueue notifications on a dedicated connection; rebuild it if it dies."""
@@ -485,6 +494,7 @@ class Dispatcher:
                     cfg.name,
                     cfg.lease,
                     cfg.stale_after,
+                    cfg.max_abandons,
                 )
             except CONNECTION_ERRORS as exc:
                 failures += 1
@@ -556,6 +566,20 @@ class Dispatcher:
                     return
                 try:
                     await self._deliver(connection, claim)
+                except Exception as exc:  # a bug must cost one attempt, not the dispatcher
+                    log.error(
+                        "mail.deliver_crashed",
+                        exc_info=exc,
+                        extra={**claim.fields, "dispatcher": self.config.name},
+                    )
+                    now = datetime.now(UTC)
+                    result = SendResult(Verdict.TRANSIENT, error=_describe(exc))
+                    retry_in = full_jitter(
+                        claim.attempt, self.config.retry_base, self.config.retry_cap
+                    )
+                    self._records.put_nowait(
+                        Outcome(claim, "deferred", result, now, now, retry_in, result.error)
+                    )
                 finally:
                     self._outstanding -= 1
                     self._room.set()
@@ -579,34 +603,48 @@ class Dispatcher:
             )
             self._records.put_nowait(Release(claim, reason))
             return
-        row = claim.row
         started_at = datetime.now(UTC)
         try:
-            message = build_message(row).as_bytes()
-            sender = sender_address(row["sender"]).addr_spec
-        except (ValueError, TypeError, LookupError) as exc:  # a row no server could accept
-            result = SendResult(Verdict.PERMANENT, error=f"cannot render the message: {exc}")
+            message = build_message(claim.row)
+        except Exception as exc:  # a row no server could take: never retried, never fatal
+            result = SendResult(
+                Verdict.PERMANENT,
+                error=f"cannot render the message: {_describe(exc)}",
+                stage="render",
+            )
             self._records.put_nowait(self._decide(claim, result, started_at))
             return
         clock = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
-                result = await connection.send(sender, row["recipient"], message)
+                result = await connection.send(message)
         except TimeoutError:
-            connection.close()
-            result = SendResult(
-                Verdict.TRANSIENT,
-                error="send did not finish within its lease",
-                connection_problem=True,
+            result = _broken(connection, "send did not finish within its lease")
+        except Exception as exc:  # whatever nobody foresaw is this mail's attempt, not a crash
+            log.error(
+                "mail.send_crashed",
+                exc_info=exc,
+                extra={**claim.fields, "dispatcher": self.config.name},
             )
+            result = _broken(connection, f"unexpected error: {_describe(exc)}")
         metrics.SEND_SECONDS.observe(time.perf_counter() - clock)
         self._note_smtp_health(result)
+        if result.connection_problem and result.stage == "connect":
+            # The server could not be reached at all: nothing was attempted for this mail,
+            # so it keeps its attempts and waits for the pause to end.
+            self._records.put_nowait(
+                Release(claim, f"SMTP server unreachable: {_smtp_error(result)}")
+            )
+            return
         self._records.put_nowait(self._decide(claim, result, started_at))
 
     def _note_smtp_health(self, result: SendResult) -> None:
         if not result.connection_problem:
             self._smtp_failures = 0
+            self._set_smtp_error(None)
             return
+        if result.stage == "connect":
+            self._set_smtp_error(_smtp_error(result))
         now = time.monotonic()
         if now < self._smtp_pause_until:
             return  # another worker's failure in the same round already set the pause
@@ -614,6 +652,22 @@ class Dispatcher:
         # low, so delivery resumes within seconds of the server coming back.
         self._smtp_failures += 1
         self._smtp_pause_until = now + 0.5 + full_jitter(self._smtp_failures, 0.5, SMTP_PAUSE_CAP)
+
+    def _set_smtp_error(self, error: str | None) -> None:
+        """Log the SMTP server's reachability once per change, and publish it."""
+        changed = (error is None) != (self._smtp_error is None)
+        self._smtp_error = error
+        if not changed:
+            return
+        metrics.SMTP_UNREACHABLE.set(error is not None)
+        if error is None:
+            log.info("smtp.reachable", extra={"dispatcher": self.config.name})
+        else:
+            log.warning(
+                "smtp.unreachable",
+                extra={"dispatcher": self.config.name, "error": error, "smtp": repr(self._smtp)},
+            )
+        self._beat_now.set()  # tell `outbox status` now, not at the next heartbeat
 
     def _decide(self, claim: Claim, result: SendResult, started_at: datetime) -> Outcome:
         cfg = self.config
@@ -625,13 +679,20 @@ class Dispatcher:
         age = (finished_at - claim.row["created_at"]).total_seconds()
         if claim.attempt >= cfg.max_attempts or age >= cfg.max_age:
             why = f"gave up after {claim.attempt} attempts over {age:.0f}s"
-            detail = result.error or f"{result.smtp_code} {result.smtp_reply}"
+            if result.verdict is Verdict.UNKNOWN:
+                why += " (the last one may have been delivered)"
             return Outcome(
-                claim, "failed", result, started_at, finished_at, error=f"{why}: {detail}"
+                claim,
+                "failed",
+                result,
+                started_at,
+                finished_at,
+                error=f"{why}: {_smtp_error(result)}",
             )
         delay = full_jitter(claim.attempt, cfg.retry_base, cfg.retry_cap)
+        outcome = "unknown" if result.verdict is Verdict.UNKNOWN else "deferred"
         return Outcome(
-            claim, "deferred", result, started_at, finished_at, retry_in=delay, error=result.error
+            claim, outcome, result, started_at, finished_at, retry_in=delay, error=result.error
         )
 
     # --- recording -----------------------------------------------------------------------
@@ -707,6 +768,7 @@ class Dispatcher:
             [o.finished_at for o in outcomes],
             [o.retry_in for o in outcomes],
             self.config.name,
+            [o.result.stage for o in outcomes],
         ]
 
     def _log_outcome(self, item: Outcome, lease_lost: bool) -> None:
@@ -717,9 +779,10 @@ class Dispatcher:
             **item.claim.fields,
             "dispatcher": self.config.name,
             "smtp_code": item.result.smtp_code,
+            "smtp_stage": item.result.stage,
             "lease_lost": lease_lost,
         }
-        if item.outcome == "deferred":
+        if item.outcome in ("deferred", "unknown"):
             fields["retry_in"] = round(item.retry_in, 2)
         if item.outcome != "sent":
             fields["reply"] = item.result.smtp_reply
@@ -728,6 +791,27 @@ class Dispatcher:
         log.log(level, f"mail.{label}", extra=fields)
 
 
+def _broken(connection: SmtpConnection, error: str) -> SendResult:
+    """The result of a send cut off mid-way: the connection is dropped, and if the server
+    already had the whole message it may have accepted it."""
+    connection.close()
+    stage = connection.stage
+    verdict = Verdict.UNKNOWN if stage == "end_of_data" else Verdict.TRANSIENT
+    return SendResult(verdict, error=error, connection_problem=True, stage=stage)
+
+
+def _smtp_error(result: SendResult) -> str:
+    return result.error or f"{result.smtp_code} {result.smtp_reply}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 def _clip(text: str | None, limit: int = 1000) -> str | None:
-    # Replies are server input: bounded, and without NUL (PostgreSQL text cannot hold it).
-    return None if text is None else text[:limit].replace("\x00", "\ufffd")
+    # Replies are server input: bounded, and without what PostgreSQL text cannot hold
+    # (NUL, and the lone surrogates that undecodable bytes become).
+    if text is None:
+        return None
+    text = text[:limit].replace("\x00", "\ufffd")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,72 +1,235 @@
-"""Build the MIME message for an outbox row: a pure function of the row's columns.
+"""Build the message for an outbox row: a pure function of the row's columns.
 
-The headers are built by :class:`email.message.EmailMessage` from
-:class:`email.headerregistry.Address` objects (encoding, quoting and CR/LF safety are the
-email package's). The body parts have a fixed shape (UTF-8 text, quoted-printable), so
-they are encoded directly with :func:`binascii.b2a_qp` instead of going through the
-email package's content manager, which costs more CPU than everything else the
-dispatcher does for a mail. Quoted-printable keeps the body 7-bit and line-length safe
-for any content, and ``=`` is always encoded in it, so the boundary (which starts with
-``=_``) can never occur inside a part.
+Headers are written here, strictly, instead of through ``email.message.EmailMessage``:
+setting a header there *parses* the value, and the parser decodes RFC 2047 encoded-words
+(``=?utf-8?q?...?=``) in a display name or a subject, turning a user's literal text into
+structure (a ``Bcc:`` line, a second recipient, a new body). Here every text field is
+written so that a reader decodes it back to exactly the stored text:
+
+* a subject or display name that is plain printable ASCII (single spaces, no ``=?``) is
+  written as it is (the name as a quoted string);
+* anything else is written entirely as base64 encoded-words of whole characters, which
+  carry any Unicode text and no syntax at all;
+* addresses are never decoded from anything: the envelope and the header get the same
+  ``local@domain``, the domain as an A-label (``dispatcher.addresses``). Only a non-ASCII
+  local part needs SMTPUTF8; then that header carries UTF-8 (RFC 6532).
+
+The body parts have a fixed shape (UTF-8 text, quoted-printable), encoded directly with
+:func:`binascii.b2a_qp`. Quoted-printable keeps the body 7-bit and line-length safe for
+any content, and ``=`` is always encoded in it, so the boundary (which starts with
+``=_``) can never occur inside a part. The property tests in tests/test_message.py parse
+what this writes with the email package and check it says exactly what the row says.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 import functools
 import hashlib
-from email import policy
-from email.headerregistry import Address
-from email.message import EmailMessage
+import re
+from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any
 
+from dispatcher.addresses import SmtpAddress, smtp_address, unsafe_text
 from dispatcher.settings import parse_address
 
+__all__ = ["Rendered", "build_message", "sender_address"]
 
-@functools.lru_cache(maxsize=64)
-def sender_address(sender: str) -> Address:
-    """The parsed From address (there are only a few senders, so parsing is cached)."""
-    return parse_address(sender)
+#: A line of printable ASCII words separated by single spaces, with no encoded-word
+#: opener: the only text written into a header as it is.
+_PLAIN = re.compile(r"(?!.*=\?)[!-~]+(?: [!-~]+)*")
+#: A display name that is a phrase of atoms (RFC 5322 atext words), safe unquoted.
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*")
+#: A dot-atom local part (RFC 5322 atext, and UTF-8 for RFC 6532), safe unquoted.
+_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
+)
+#: Bytes of text per encoded-word: 42 bytes are 56 base64 characters, and with the
+#: ``=?utf-8?b?`` ``?=`` frame a folded line stays within 78 characters.
+_EW_BYTES = 42
+#: Longest text written as it is; longer text is encoded (and so folded anywhere).
+_PLAIN_MAX = 200
+#: Lines starting with a dot are doubled in DATA (RFC 5321 4.5.2).
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
-def build_message(row: Any) -> EmailMessage:
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """The message for one row: envelope addresses, header lines and body, as sent."""
+
+    sender: SmtpAddress
+    recipient: SmtpAddress
+    #: (name, value) pairs; a value may hold folds (CRLF + space) as it is written.
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @property
+    def smtputf8(self) -> bool:
+        """True when the message needs a server offering SMTPUTF8."""
+        return self.sender.needs_smtputf8 or self.recipient.needs_smtputf8
+
+    def as_bytes(self) -> bytes:
+        """The message as it goes after DATA (before dot-stuffing)."""
+        head = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
+        return head.encode("utf-8" if self.smtputf8 else "ascii") + b"\r\n" + self.body
+
+    def data(self) -> bytes:
+        """The DATA payload: dot-stuffed, ending with CRLF (the final dot is not included)."""
+        data = _LEADING_DOT.sub(b"..", self.as_bytes())
+        return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def build_message(row: Any) -> Rendered:
     """Render the outbox row (a record or mapping of its columns) as the message sent.
 
     Deterministic: the Date header is the row's ``created_at`` and the MIME boundary is
-    derived from the Message-ID, so every retry sends byte-identical content.
+    derived from the Message-ID, so every retry sends byte-identical content. Raises
+    ValueError for a row no server could be sent (a malformed address, a header field
+    with a line break).
     """
-    local, _, domain = row["recipient"].rpartition("@")
-    msg = EmailMessage(policy=policy.SMTP)
-    msg["From"] = sender_address(row["sender"])
-    msg["To"] = Address(display_name=row["recipient_name"] or "", username=local, domain=domain)
-    msg["Subject"] = row["subject"]
-    msg["Date"] = format_datetime(row["created_at"])
-    msg["Message-ID"] = row["message_id"]
-    msg["MIME-Version"] = "1.0"
-    if row["body_html"] is None:
-        msg["Content-Type"] = 'text/plain; charset="utf-8"'
-        msg["Content-Transfer-Encoding"] = "quoted-printable"
-        msg.set_payload(_quoted_printable(row["body_text"]))
-        return msg
-    boundary = "=_outbox_" + hashlib.sha256(row["message_id"].encode()).hexdigest()[:32]
-    msg["Content-Type"] = f'multipart/alternative; boundary="{boundary}"'
-    # A multipart message whose payload is a string is written out as it is.
-    msg.set_payload(
-        f"--{boundary}\r\n{_part('plain', row['body_text'])}\r\n"
-        f"--{boundary}\r\n{_part('html', row['body_html'])}\r\n"
-        f"--{boundary}--\r\n"
+    sender_name, sender = _sender(row["sender"])
+    recipient = smtp_address(row["recipient"])
+    message_id = row["message_id"]
+    if not _PLAIN.fullmatch(message_id) or " " in message_id:
+        raise ValueError(f"malformed Message-ID {message_id!r}")
+    headers = (
+        ("From", _mailbox(sender_name, sender)),
+        ("To", _mailbox(row["recipient_name"] or "", recipient)),
+        ("Subject", _unstructured(row["subject"])),
+        ("Date", format_datetime(row["created_at"])),
+        ("Message-ID", message_id),
+        ("MIME-Version", "1.0"),
     )
-    return msg
+    if row["body_html"] is None:
+        return Rendered(
+            sender,
+            recipient,
+            (
+                *headers,
+                ("Content-Type", 'text/plain; charset="utf-8"'),
+                ("Content-Transfer-Encoding", "quoted-printable"),
+            ),
+            _quoted_printable(row["body_text"]),
+        )
+    boundary = "=_outbox_" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
+    marker = f"--{boundary}\r\n".encode()
+    body = b"".join(
+        (
+            marker,
+            _part(b"plain", row["body_text"]),
+            b"\r\n",
+            marker,
+            _part(b"html", row["body_html"]),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+    content_type = f'multipart/alternative; boundary="{boundary}"'
+    return Rendered(sender, recipient, (*headers, ("Content-Type", content_type)), body)
 
 
-def _quoted_printable(text: str) -> str:
-    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
-    return encoded.replace("\r\n", "\n").replace("\n", "\r\n")
+@functools.lru_cache(maxsize=64)
+def sender_address(sender: str) -> SmtpAddress:
+    """The envelope sender for a row's ``sender`` column (there are few: cached)."""
+    return _sender(sender)[1]
 
 
-def _part(subtype: str, text: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _sender(sender: str) -> tuple[str, SmtpAddress]:
+    address = parse_address(sender)
+    return address.display_name, smtp_address(address.addr_spec)
+
+
+def _mailbox(display_name: str, address: SmtpAddress) -> str:
+    local = address.local
+    if not _DOT_ATOM.fullmatch(local) or "=?" in local:
+        # Never reached for addresses the API accepts; a library caller's quoted local
+        # part is written as a quoted string, and "=?" (which mail readers would decode
+        # as an encoded-word even there) cannot be written faithfully at all.
+        if "=?" in local or unsafe_text(local) is not None:
+            raise ValueError(f"local part {local!r} cannot be written in a header")
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    spec = f"<{local}@{address.domain}>"
+    if not display_name:
+        return spec
+    _check_text("display name", display_name)
+    if _is_plain(display_name):
+        phrase = (
+            display_name
+            if _ATOMS.fullmatch(display_name)
+            else '"' + display_name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        )
+    else:
+        phrase = _encoded_words(display_name)
+    # Fold before the address when the line would be long (RFC 5322's 78 characters).
+    joiner = " " if len(phrase) + len(spec) < 70 and "\r\n" not in phrase else "\r\n "
+    return phrase + joiner + spec
+
+
+def _unstructured(text: str) -> str:
+    _check_text("subject", text)
+    if _is_plain(text):
+        return _fold_words(text)
+    return _encoded_words(text)
+
+
+def _is_plain(text: str) -> bool:
+    return len(text) <= _PLAIN_MAX and _PLAIN.fullmatch(text) is not None
+
+
+def _check_text(field: str, text: str) -> None:
+    reason = unsafe_text(text)
+    if reason is not None:
+        raise ValueError(f"{field} {reason}")
+
+
+def _fold_words(text: str) -> str:
+    """Fold plain text at spaces so lines stay near 78 characters (never splits a word)."""
+    if len(text) <= 68:
+        return text
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > 68:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\r\n ".join(lines)
+
+
+def _encoded_words(text: str) -> str:
+    """``text`` as base64 encoded-words of whole characters, one per folded line.
+
+    Readers join adjacent encoded-words without the folding whitespace between them
+    (RFC 2047 6.2), so the decoded value is exactly ``text``, spaces included.
+    """
+    words: list[str] = []
+    chunk = bytearray()
+    for ch in text:
+        encoded = ch.encode("utf-8")
+        if len(chunk) + len(encoded) > _EW_BYTES:
+            words.append(_ew(bytes(chunk)))
+            chunk.clear()
+        chunk += encoded
+    if chunk:
+        words.append(_ew(bytes(chunk)))
+    return "\r\n ".join(words)
+
+
+def _ew(data: bytes) -> str:
+    return "=?utf-8?b?" + base64.b64encode(data).decode("ascii") + "?="
+
+
+def _quoted_printable(text: str) -> bytes:
+    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
+    return encoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _part(subtype: bytes, text: str) -> bytes:
     return (
-        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: quoted-printable\r\n\r\n" + _quoted_printable(text)
+        b"Content-Type: text/" + subtype + b'; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + _quoted_printable(text)
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MAILS = Counter(
     "outbox_mails_total",
-    "Send attempts by outcome (sent, deferred, failed, lease_lost).",
+    "Send attempts by outcome (sent, deferred, unknown, failed, lease_lost).",
     ["outcome"],
 )
 SEND_SECONDS = Histogram(
@@ -23,4 +23,8 @@ ATTEMPT_NUMBER = Histogram(
     "outbox_attempt_number",
     "Attempt number of each recorded outcome (1 = first try).",
     buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20),
+)
+SMTP_UNREACHABLE = Gauge(
+    "outbox_smtp_unreachable",
+    "1 while the SMTP server cannot be reached (connect, TLS, AUTH) and sending is paused.",
 )

@@ -62,11 +62,15 @@ FROM written, inserted
 # each getting different rows, without waiting on one another.
 #
 # A reclaimed 'sending' row gets an 'abandoned' attempt in its history, so the audit
-# trail shows the attempt that never reported back.
+# trail shows the attempt that never reported back, and its ``abandons`` count goes up.
+# The circuit breaker: a row abandoned for the $5th time is 'failed' instead of claimed.
+# Something about it takes down every dispatcher that tries it (no mail should, but a
+# poison row must not go round the fleet forever, holding up a slot each time).
 CLAIM = """
 WITH due AS (
     SELECT o.id, o.status AS previous_status, o.lease_owner AS previous_owner,
-           o.leased_at AS previous_leased_at, o.attempts AS previous_attempt
+           o.leased_at AS previous_leased_at, o.attempts AS previous_attempt,
+           o.status = 'sending' AND o.abandons + 1 >= $5 AS poisoned
     FROM outbox o
     WHERE o.status IN ('pending', 'sending')
       AND o.next_attempt_at <= now()
@@ -90,6 +94,16 @@ abandoned AS (
            'no outcome recorded: the lease expired or the dispatcher stopped heartbeating'
     FROM due
     WHERE previous_status = 'sending'
+),
+poisoned AS (
+    UPDATE outbox o
+    SET status = 'failed', abandons = o.abandons + 1,
+        lease_owner = NULL, lease_token = NULL, leased_at = NULL, lease_expires_at = NULL,
+        last_error = format('abandoned %s times: every dispatcher that took it stopped '
+                            'before recording an outcome', o.abandons + 1),
+        updated_at = now()
+    FROM due
+    WHERE o.id = due.id AND due.poisoned
 )
 UPDATE outbox o
 SET status = 'sending',
@@ -98,9 +112,10 @@ SET status = 'sending',
     leased_at = now(),
     lease_expires_at = now() + make_interval(secs => $3),
     attempts = o.attempts + 1,
+    abandons = o.abandons + (due.previous_status = 'sending')::integer,
     updated_at = now()
 FROM due
-WHERE o.id = due.id
+WHERE o.id = due.id AND NOT due.poisoned
 RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject,
           o.body_text, o.body_html, o.created_at, o.attempts, o.lease_token,
           o.lease_expires_at
@@ -119,20 +134,24 @@ SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM outbox WHERE status
 # dispatcher whose lease was taken over changes nothing. Its attempt is still written to
 # the history, flagged lease_lost, because the SMTP server may really have accepted it.
 #
-# outcome: 'sent' | 'deferred' (back to pending after retry_in seconds) | 'failed'.
+# outcome: 'sent' | 'failed' | 'deferred' or 'unknown' (back to pending after retry_in
+# seconds; 'unknown' when the server had the whole message but its reply never came).
+# smtp_stage: the last SMTP step the attempt began (see dispatcher.smtp.Stage).
 RECORD = """
 WITH outcome AS (
     SELECT *
     FROM unnest($1::bigint[], $2::uuid[], $3::integer[], $4::text[], $5::smallint[],
-                $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::float8[])
+                $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::float8[],
+                $12::text[])
          AS t(id, token, attempt, outcome, smtp_code, smtp_reply, error, started_at,
-              finished_at, retry_in)
+              finished_at, retry_in, smtp_stage)
 ),
 updated AS (
     UPDATE outbox o
-    SET status = CASE outcome.outcome WHEN 'deferred' THEN 'pending' ELSE outcome.outcome END,
+    SET status = CASE WHEN outcome.outcome IN ('deferred', 'unknown') THEN 'pending'
+                      ELSE outcome.outcome END,
         sent_at = CASE WHEN outcome.outcome = 'sent' THEN outcome.finished_at END,
-        next_attempt_at = CASE WHEN outcome.outcome = 'deferred'
+        next_attempt_at = CASE WHEN outcome.outcome IN ('deferred', 'unknown')
                                THEN now() + make_interval(secs => outcome.retry_in)
                                ELSE o.next_attempt_at END,
         lease_owner = NULL, lease_token = NULL, leased_at = NULL, lease_expires_at = NULL,
@@ -145,10 +164,10 @@ updated AS (
     RETURNING o.id
 )
 INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
-                             outcome, smtp_code, smtp_reply, error, lease_lost)
+                             outcome, smtp_code, smtp_reply, error, lease_lost, smtp_stage)
 SELECT outcome.id, outcome.attempt, $11, outcome.started_at, outcome.finished_at,
        outcome.outcome, outcome.smtp_code, outcome.smtp_reply, outcome.error,
-       updated.id IS NULL
+       updated.id IS NULL, outcome.smtp_stage
 FROM outcome LEFT JOIN updated ON updated.id = outcome.id
 -- Idempotent: if a commit's acknowledgement was lost and the batch is recorded again,
 -- the attempts already written are not written twice.
@@ -209,7 +228,7 @@ NAME_HOLDER = "SELECT hostname, pid, last_beat_at FROM dispatchers WHERE name = 
 # instead of waiting for their leases to expire.
 RECLAIM_PREDECESSOR = """
 WITH orphans AS (
-    SELECT id, attempts, leased_at FROM outbox
+    SELECT id, attempts, leased_at, abandons + 1 >= $2 AS poisoned FROM outbox
     WHERE status = 'sending' AND lease_owner = $1
     ORDER BY id
     FOR UPDATE
@@ -222,13 +241,29 @@ history AS (
     FROM orphans
 )
 UPDATE outbox o
-SET status = 'pending', lease_owner = NULL, lease_token = NULL, leased_at = NULL,
+SET status = CASE WHEN orphans.poisoned THEN 'failed' ELSE 'pending' END,
+    abandons = o.abandons + 1,
+    last_error = CASE WHEN orphans.poisoned
+                      THEN format('abandoned %s times: every dispatcher that took it '
+                                  'stopped before recording an outcome', o.abandons + 1)
+                      ELSE o.last_error END,
+    lease_owner = NULL, lease_token = NULL, leased_at = NULL,
     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
 FROM orphans WHERE o.id = orphans.id
 RETURNING o.id
 """
 
-HEARTBEAT = "UPDATE dispatchers SET last_beat_at = now() WHERE name = $1 RETURNING name"
+# Heartbeat of dispatcher $1, with its SMTP health: $2 is the error that keeps it from
+# reaching its SMTP server (NULL when it can), shown by `outbox status`.
+HEARTBEAT = """
+UPDATE dispatchers
+SET last_beat_at = now(),
+    smtp_error = $2,
+    smtp_unreachable_since = CASE WHEN $2::text IS NULL THEN NULL
+                                  ELSE coalesce(smtp_unreachable_since, now()) END
+WHERE name = $1
+RETURNING name
+"""
 
 DEREGISTER = "DELETE FROM dispatchers WHERE name = $1"
 

@@ -11,9 +11,11 @@ import enum
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import aiosmtplib
 
+from dispatcher.message import Rendered
 from dispatcher.settings import Settings
 
 #: After this long unused, a connection is checked with NOOP before it carries a mail:
@@ -27,6 +29,14 @@ class Verdict(enum.Enum):
     SENT = "sent"  # 2xx at end of DATA
     TRANSIENT = "transient"  # retry later: 4xx, timeouts, connection trouble
     PERMANENT = "permanent"  # 5xx: never retry
+    #: The whole message went out but no readable reply to it came back: the server may
+    #: have accepted it. Retried (with the same Message-ID), and counted apart.
+    UNKNOWN = "unknown"
+
+
+#: How far an SMTP transaction got: the step that was begun last. ``render`` means the
+#: message could not be built; ``end_of_data`` that the server had the whole message.
+Stage = Literal["render", "connect", "mail", "rcpt", "data", "end_of_data"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +50,7 @@ class SendResult:
     #: True when the failure was about reaching the server at all (connect, TLS, auth,
     #: disconnect), not about this mail: the dispatcher then backs off as a whole.
     connection_problem: bool = False
+    stage: Stage = "end_of_data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,17 +82,24 @@ class SmtpConfig:
         return f"SmtpConfig(host={self.host!r}, port={self.port}, security={self.security!r})"
 
 
-def classify_reply(code: int, reply: str, *, at_rcpt: bool = False) -> SendResult:
-    """Map a non-2xx SMTP reply to a verdict.
+def classify_reply(code: int, reply: str, stage: Stage) -> SendResult:
+    """Map a reply that is not the one expected at ``stage`` to a verdict.
 
     4xx is transient and 5xx permanent, except 552 in answer to RCPT: RFC 5321 (4.5.3.1.10)
-    says clients must treat it as 452 "too many recipients", which is transient.
+    says clients must treat it as 452 "too many recipients", which is transient. A code
+    outside 4xx/5xx is a confused server: transient, except after the end of data, where
+    the server may have accepted the message (unknown).
     """
-    if code == 552 and at_rcpt:
-        return SendResult(Verdict.TRANSIENT, code, reply)
+    if code == 552 and stage == "rcpt":
+        return SendResult(Verdict.TRANSIENT, code, reply, stage=stage)
     if 400 <= code < 500:
-        return SendResult(Verdict.TRANSIENT, code, reply, connection_problem=code == 421)
-    return SendResult(Verdict.PERMANENT, code, reply)
+        return SendResult(
+            Verdict.TRANSIENT, code, reply, connection_problem=code == 421, stage=stage
+        )
+    if 500 <= code < 600:
+        return SendResult(Verdict.PERMANENT, code, reply, stage=stage)
+    verdict = Verdict.UNKNOWN if stage == "end_of_data" else Verdict.TRANSIENT
+    return SendResult(verdict, code, reply, connection_problem=True, stage=stage)
 
 
 class SmtpConnection:
@@ -91,6 +109,8 @@ class SmtpConnection:
         self._config = config
         self._client: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
+        #: How far the current (or last) transaction got; read after a timeout.
+        self.stage: Stage = "connect"
 
     def _new_client(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -123,10 +143,21 @@ class SmtpConnection:
         client = self._new_client()
         self._client = client
         await client.connect()
+        if client.is_ehlo_or_helo_needed:  # so that the server's extensions are known
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
         return client
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
-        """Send one message to one recipient and classify the outcome."""
+    async def send(self, message: Rendered) -> SendResult:
+        """Send one message to its one recipient and classify the outcome.
+
+        The transaction is driven command by command, so that the result says which
+        step a refusal answered (``stage``) and whether the server already had the whole
+        message when the connection failed.
+        """
+        self.stage = "connect"
         try:
             client = await self._ready()
         except aiosmtplib.SMTPResponseException as exc:  # greeting, EHLO, STARTTLS or AUTH
@@ -135,34 +166,68 @@ class SmtpConnection:
                 Verdict.TRANSIENT,
                 exc.code,
                 exc.message,
-                error=type(exc).__name__,
+                error=f"{type(exc).__name__}: {exc.code} {exc.message}"[:500],
                 connection_problem=True,
+                stage="connect",
             )
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             self.close()
-            return SendResult(Verdict.TRANSIENT, error=_describe(exc), connection_problem=True)
-        # The transaction step by step (not sendmail()), so that we know which command a
-        # refusal answered and the exact final code.
+            return SendResult(
+                Verdict.TRANSIENT, error=_describe(exc), connection_problem=True, stage="connect"
+            )
+        options: list[bytes] = []
+        if message.smtputf8:
+            if not client.supports_extension("smtputf8"):
+                return SendResult(
+                    Verdict.PERMANENT,
+                    error="the address has a non-ASCII local part and the server does not "
+                    "offer SMTPUTF8",
+                    stage="mail",
+                )
+            options = [b"SMTPUTF8", b"BODY=8BITMIME"]
         try:
-            await client.mail(sender)
-            try:
-                await client.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                await _reset(client)
-                return classify_reply(exc.code, exc.message, at_rcpt=True)
-            response = await client.data(message)
-        except aiosmtplib.SMTPResponseException as exc:  # MAIL FROM or DATA refused, or 421
-            if client.is_connected:
-                await _reset(client)
-            else:
-                self.close()
-            return classify_reply(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError) as exc:  # disconnects and timeouts
+            self.stage = "mail"
+            sender = str(message.sender).encode("utf-8")
+            reply = await client.execute_command(b"MAIL", b"FROM:<" + sender + b">", *options)
+            if reply.code != 250:
+                return await self._refused(client, reply.code, reply.message)
+            self.stage = "rcpt"
+            recipient = str(message.recipient).encode("utf-8")
+            reply = await client.execute_command(b"RCPT", b"TO:<" + recipient + b">")
+            if reply.code not in (250, 251):
+                return await self._refused(client, reply.code, reply.message)
+            self.stage = "data"
+            reply = await client.execute_command(b"DATA")
+            if reply.code != 354:
+                return await self._refused(client, reply.code, reply.message)
+            self.stage = "end_of_data"
+            # The content and the lone dot that ends it go straight to the protocol: a
+            # command may not hold line breaks, and this connection carries one
+            # transaction at a time, so no other command can interleave.
+            protocol = client.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost before the data")
+            protocol.write(message.data() + b".\r\n")
+            reply = await protocol.read_response(timeout=self._config.timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:  # disconnects, timeouts, garbage
             self.close()
-            return SendResult(Verdict.TRANSIENT, error=_describe(exc), connection_problem=True)
+            verdict = Verdict.UNKNOWN if self.stage == "end_of_data" else Verdict.TRANSIENT
+            return SendResult(
+                verdict, error=_describe(exc), connection_problem=True, stage=self.stage
+            )
         finally:
             self._last_used = time.monotonic()
-        return SendResult(Verdict.SENT, response.code, response.message)
+        if 200 <= reply.code < 300:
+            return SendResult(Verdict.SENT, reply.code, reply.message, stage="end_of_data")
+        return await self._refused(client, reply.code, reply.message)
+
+    async def _refused(self, client: aiosmtplib.SMTP, code: int, reply: str) -> SendResult:
+        result = classify_reply(code, reply, self.stage)
+        if client.is_connected and 400 <= code < 600 and code != 421:
+            await _reset(client)  # clear the envelope for the next mail
+        else:
+            self.close()  # 421 or a reply that makes no sense: start afresh
+        return result
 
     def close(self) -> None:
         """Drop the connection (the next send reconnects)."""

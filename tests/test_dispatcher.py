@@ -111,20 +111,23 @@ async def _statuses(db: asyncpg.Pool, expected: dict[int, str]) -> bool:
     return {r["id"]: r["status"] for r in rows} == expected
 
 
-async def test_connection_dropped_mid_data_is_retried_on_a_new_connection(
+async def test_connection_dropped_after_the_data_is_an_unknown_outcome_and_retried(
     database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
 ) -> None:
+    # The server hangs up after it had the whole message: it may have accepted it, so the
+    # attempt is 'unknown' (not a refusal), and the mail is retried with its Message-ID.
     smtp_server.handler.data_plan = lambda rcpt, seen: Reply(hang_up=True) if seen == 0 else Reply()
     [queued] = await enqueue_many(db, 1)
     async with running_dispatcher(database_url, smtp_server):
         await wait_until(lambda: _all_sent(db, 1), what="the mail to be sent after a hang-up")
-    attempts = await db.fetch("SELECT outcome, error FROM outbox_attempts ORDER BY id")
-    assert [a["outcome"] for a in attempts] == ["deferred", "sent"]
-    assert "Disconnected" in attempts[0]["error"] or "closed" in attempts[0]["error"].lower()
+    attempts = await db.fetch("SELECT outcome, error, smtp_stage FROM outbox_attempts ORDER BY id")
+    assert [a["outcome"] for a in attempts] == ["unknown", "sent"]
+    assert [a["smtp_stage"] for a in attempts] == ["end_of_data", "end_of_data"]
+    assert "Disconnected" in attempts[0]["error"] or "lost" in attempts[0]["error"].lower()
     assert smtp_server.message_ids() == {queued.message_id: 1}
 
 
-async def test_slow_server_past_the_timeout_is_deferred(
+async def test_slow_reply_to_the_data_is_an_unknown_outcome_and_retried(
     database_url: str, db: asyncpg.Pool, smtp_server: SmtpServer
 ) -> None:
     smtp_server.handler.data_plan = lambda rcpt, seen: Reply(delay=3.0) if seen == 0 else Reply()
@@ -135,9 +138,13 @@ async def test_slow_server_past_the_timeout_is_deferred(
         database_url, smtp_server, smtp=smtp_config(smtp_server, timeout=0.5)
     ):
         await wait_until(lambda: _all_sent(db, 1), what="the mail to be sent after a timeout")
-    first = await db.fetchrow("SELECT outcome, error FROM outbox_attempts ORDER BY id LIMIT 1")
-    assert first["outcome"] == "deferred"
+    first = await db.fetchrow(
+        "SELECT outcome, error, smtp_stage FROM outbox_attempts ORDER BY id LIMIT 1"
+    )
+    # The server had the whole message when the wait for its reply ran out.
+    assert (first["outcome"], first["smtp_stage"]) == ("unknown", "end_of_data")
     assert "Timeout" in first["error"] or "timed out" in first["error"].lower()
+    assert await db.fetchval("SELECT attempts FROM outbox") == 2
 
 
 async def test_transient_failures_give_up_after_max_attempts(

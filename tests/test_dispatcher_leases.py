@@ -41,6 +41,7 @@ async def _record(
         [now],
         [0.0],
         name,
+        ["end_of_data"],
     )
 
 
@@ -48,11 +49,11 @@ async def test_claim_leases_rows_and_skips_locked_and_leased_ones(db: asyncpg.Po
     await enqueue_many(db, 5)
     await _beat(db, "a")
     await _beat(db, "b")
-    first = await db.fetch(queries.CLAIM, 3, "a", 30.0, STALE_AFTER)
-    second = await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER)
+    first = await db.fetch(queries.CLAIM, 3, "a", 30.0, STALE_AFTER, 5)
+    second = await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER, 5)
     assert len(first) == 3 and len(second) == 2
     assert {r["id"] for r in first}.isdisjoint(r["id"] for r in second)
-    assert await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER) == []
+    assert await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER, 5) == []
     rows = await db.fetch("SELECT status, lease_owner, attempts FROM outbox")
     assert all(r["status"] == "sending" and r["attempts"] == 1 for r in rows)
 
@@ -63,7 +64,7 @@ async def test_future_retries_are_not_claimed(db: asyncpg.Pool) -> None:
         "UPDATE outbox SET next_attempt_at = now() + interval '1 hour' WHERE id = "
         "(SELECT min(id) FROM outbox)"
     )
-    claimed = await db.fetch(queries.CLAIM, 10, "a", 30.0, STALE_AFTER)
+    claimed = await db.fetch(queries.CLAIM, 10, "a", 30.0, STALE_AFTER, 5)
     assert len(claimed) == 1
 
 
@@ -71,10 +72,10 @@ async def test_a_stale_owner_cannot_overwrite_the_new_owners_outcome(db: asyncpg
     [queued] = await enqueue_many(db, 1)
     await _beat(db, "a")
     await _beat(db, "b")
-    [old] = await db.fetch(queries.CLAIM, 10, "a", 30.0, STALE_AFTER)
+    [old] = await db.fetch(queries.CLAIM, 10, "a", 30.0, STALE_AFTER, 5)
     # a's lease runs out (a was frozen, say); b takes the row over.
     await db.execute("UPDATE outbox SET lease_expires_at = now() - interval '1 second'")
-    [new] = await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER)
+    [new] = await db.fetch(queries.CLAIM, 10, "b", 30.0, STALE_AFTER, 5)
     assert new["id"] == queued.id and new["attempts"] == 2
     assert new["lease_token"] != old["lease_token"]
 
@@ -107,7 +108,7 @@ async def test_a_stale_owner_cannot_overwrite_the_new_owners_outcome(db: asyncpg
 
 async def test_recording_is_idempotent(db: asyncpg.Pool) -> None:
     await enqueue_many(db, 1)
-    [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER)
+    [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER, 5)
     now = datetime.now(UTC)
     args = (
         [claim["id"]],
@@ -121,6 +122,7 @@ async def test_recording_is_idempotent(db: asyncpg.Pool) -> None:
         [now],
         [0.0],
         "a",
+        ["end_of_data"],
     )
     assert len(await db.fetch(queries.RECORD, *args)) == 1
     assert await db.fetch(queries.RECORD, *args) == []  # a retried batch writes nothing twice
@@ -133,12 +135,12 @@ async def test_rows_of_a_silent_dispatcher_are_reclaimed_before_their_lease_ends
     await enqueue_many(db, 2)
     await _beat(db, "dead")
     await _beat(db, "alive")
-    claimed = await db.fetch(queries.CLAIM, 10, "dead", 3600.0, STALE_AFTER)
+    claimed = await db.fetch(queries.CLAIM, 10, "dead", 3600.0, STALE_AFTER, 5)
     assert len(claimed) == 2
     # While "dead" still beats, its hour-long leases are honoured.
-    assert await db.fetch(queries.CLAIM, 10, "alive", 30.0, STALE_AFTER) == []
+    assert await db.fetch(queries.CLAIM, 10, "alive", 30.0, STALE_AFTER, 5) == []
     await _beat(db, "dead", seconds_ago=STALE_AFTER + 1)
-    taken = await db.fetch(queries.CLAIM, 10, "alive", 30.0, STALE_AFTER)
+    taken = await db.fetch(queries.CLAIM, 10, "alive", 30.0, STALE_AFTER, 5)
     assert {r["id"] for r in taken} == {r["id"] for r in claimed}
     abandoned = await db.fetch(
         "SELECT dispatcher, attempt FROM outbox_attempts WHERE outcome = 'abandoned'"
@@ -148,7 +150,7 @@ async def test_rows_of_a_silent_dispatcher_are_reclaimed_before_their_lease_ends
 
 async def test_release_gives_the_attempt_back(db: asyncpg.Pool) -> None:
     await enqueue_many(db, 1)
-    [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER)
+    [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER, 5)
     released = await db.fetch(queries.RELEASE, [claim["id"]], [claim["lease_token"]])
     assert len(released) == 1
     row = await db.fetchrow("SELECT status, attempts, lease_token FROM outbox")
@@ -166,6 +168,7 @@ async def test_claim_plan_uses_the_partial_index(db: asyncpg.Pool) -> None:
             .replace("$2", "'a'")
             .replace("$3", "30")
             .replace("$4", "6")
+            .replace("$5", "5")
         )
     assert "outbox_claim_idx" in "\n".join(r[0] for r in rows)
 
@@ -175,7 +178,7 @@ async def test_overlapping_recordings_queue_instead_of_deadlocking(db: asyncpg.P
     import asyncio
 
     await enqueue_many(db, 40)
-    claims = await db.fetch(queries.CLAIM, 40, "a", 30.0, STALE_AFTER)
+    claims = await db.fetch(queries.CLAIM, 40, "a", 30.0, STALE_AFTER, 5)
     now = datetime.now(UTC)
 
     async def record(order: list[asyncpg.Record], name: str) -> None:
@@ -194,6 +197,7 @@ async def test_overlapping_recordings_queue_instead_of_deadlocking(db: asyncpg.P
                 [now] * len(order),
                 [0.0] * len(order),
                 name,
+                ["end_of_data"] * len(order),
             )
 
     forward = sorted(claims, key=lambda c: c["id"])
@@ -205,7 +209,7 @@ async def test_overlapping_recordings_queue_instead_of_deadlocking(db: asyncpg.P
 async def test_rows_from_a_claim_whose_reply_was_lost_are_released(db: asyncpg.Pool) -> None:
     await enqueue_many(db, 3)
     await _beat(db, "a")
-    claimed = await db.fetch(queries.CLAIM, 3, "a", 30.0, STALE_AFTER)
+    claimed = await db.fetch(queries.CLAIM, 3, "a", 30.0, STALE_AFTER, 5)
     known = claimed[0]["id"]  # the dispatcher heard of one row; the reply for two was lost
     released = await db.fetch(queries.RELEASE_UNKNOWN, "a", [known])
     assert {r["id"] for r in released} == {c["id"] for c in claimed[1:]}
