@@ -17,9 +17,10 @@ import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from dispatcher import operations as ops
+from dispatcher import times
 from dispatcher.settings import Settings
 
 log = logging.getLogger("api.admin")
@@ -99,7 +100,15 @@ class Attempt(BaseModel):
     dispatcher: str
     started_at: datetime
     finished_at: datetime
-    outcome: str = Field(description="sent, deferred, failed or abandoned.")
+    outcome: str = Field(
+        description="sent, deferred, failed, abandoned, or unknown (the server had the whole "
+        "message but its reply never came: it may have been delivered; retried)."
+    )
+    smtp_stage: str | None = Field(
+        default=None,
+        description="The last SMTP step begun: render, connect, mail, rcpt, data or "
+        "end_of_data (the server had the whole message).",
+    )
     smtp_code: int | None
     smtp_reply: str | None
     error: str | None
@@ -149,9 +158,34 @@ OutboxId = Annotated[int, Path(ge=1, le=ops.MAX_ID, description="The outbox id."
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """The time in UTC (no offset means UTC); a ValueError (422) if UTC has no such time."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is in year 0 in UTC
+        raise ValueError("must be between year 1 and year 9999 in UTC") from None
+
+
+def _time_grammar(value: object) -> object:
+    # The grammar of the CLI's --since/--until (dispatcher.times): ISO 8601 or an age.
+    return times.parse_time(value) if isinstance(value, str) else value
+
+
+_TIME_GRAMMAR = (
+    "ISO 8601 (`2026-11-24`, `2026-11-24T10:00:00+01:00`; no offset means UTC) or an age "
+    "meaning that long ago (`45s`, `90m`, `2h`, `7d`, `2w`), as the CLI's `--since`."
+)
+
+#: A time filter, in UTC once validated.
+Time = Annotated[
+    datetime | None,
+    BeforeValidator(_time_grammar),
+    AfterValidator(_utc),
+    WithJsonSchema({"type": "string", "examples": ["2026-11-24T10:00:00Z", "2h", "7d"]}),
+]
 
 
 @router.get("", response_model=MailPage)
@@ -162,13 +196,8 @@ async def list_outbox(
         str | None,
         Query(max_length=320, description="Only mail to this address (case-insensitive)."),
     ] = None,
-    since: Annotated[
-        datetime | None,
-        Query(description="Created at or after (ISO 8601; no offset means UTC)."),
-    ] = None,
-    until: Annotated[
-        datetime | None, Query(description="Created before (ISO 8601; no offset means UTC).")
-    ] = None,
+    since: Annotated[Time, Query(description=f"Created at or after. {_TIME_GRAMMAR}")] = None,
+    until: Annotated[Time, Query(description=f"Created before. {_TIME_GRAMMAR}")] = None,
     cursor: Annotated[
         int | None,
         Query(ge=1, le=ops.MAX_ID, description="The `next` value of the previous page."),
@@ -182,8 +211,8 @@ async def list_outbox(
             conn,
             status=status,
             recipient=recipient,
-            since=_utc(since),
-            until=_utc(until),
+            since=since,
+            until=until,
             before=cursor,
             limit=limit,
         )
@@ -209,18 +238,25 @@ async def show_outbox(outbox_id: OutboxId, request: Request) -> MailDetail:
     )
 
 
-async def _change(request: Request, outbox_id: int, action: str) -> Mail | JSONResponse:
+async def _change(
+    request: Request, outbox_id: int, action: str, *, now: bool = False
+) -> Mail | JSONResponse:
     pool: asyncpg.Pool = request.app.state.pool
-    operation = ops.retry if action == "retry" else ops.cancel
     async with pool.acquire() as conn:
-        result = await operation(conn, [outbox_id])
+        if action == "retry":
+            result = await ops.retry(conn, [outbox_id], now=now)
+        else:
+            result = await ops.cancel(conn, [outbox_id])
         row = await ops.get(conn, outbox_id)
     if result.refused:
         refused = result.refused[0]
         if refused.status is None or row is None:
             raise HTTPException(404, f"no mail with id {outbox_id}")
+        detail = refused.reason
+        if action == "retry" and refused.status == "pending":
+            detail += " (now=true makes it due at once)"
         return JSONResponse(
-            Conflict(detail=refused.reason, status=row.status).model_dump(), status_code=409
+            Conflict(detail=detail, status=row.status).model_dump(), status_code=409
         )
     assert row is not None
     log.info(f"admin.{action}", extra={"outbox_id": outbox_id})
@@ -230,11 +266,24 @@ async def _change(request: Request, outbox_id: int, action: str) -> Mail | JSONR
 @router.post(
     "/{outbox_id}/retry",
     response_model=Mail,
-    responses={409: {"model": Conflict, "description": "Only failed or cancelled mail."}},
+    responses={
+        409: {
+            "model": Conflict,
+            "description": "Only failed or cancelled mail (and pending mail with now=true).",
+        }
+    },
 )
-async def retry_outbox(outbox_id: OutboxId, request: Request) -> Mail | JSONResponse:
-    """Queue a failed (or cancelled) mail again, due now; attempts history is kept."""
-    return await _change(request, outbox_id, "retry")
+async def retry_outbox(
+    outbox_id: OutboxId,
+    request: Request,
+    now: Annotated[
+        bool,
+        Query(description="Also make pending mail that waits for a later attempt due at once."),
+    ] = False,
+) -> Mail | JSONResponse:
+    """Queue a failed (or cancelled) mail again, due now; attempts history is kept. With
+    `now=true`, pending mail waiting for a later attempt (deferred) is made due at once."""
+    return await _change(request, outbox_id, "retry", now=now)
 
 
 @router.post(

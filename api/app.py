@@ -11,9 +11,12 @@ from contextlib import asynccontextmanager
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from api import admin, health, metrics, registration
-from dispatcher import logs
+from api.database import DatabaseWatch
+from api.limits import BodyLimit, QueryText
+from dispatcher import logs, startup
 from dispatcher.db import CONNECTION_ERRORS, create_pool
 from dispatcher.settings import Settings, load_settings, require_database_url
 
@@ -21,14 +24,23 @@ log = logging.getLogger("api")
 
 #: Database connections per API process (each uvicorn worker has its own pool).
 POOL_SIZE = 20
+#: Database errors that mean a misconfiguration rather than a bug: 503, never 500.
+NOT_READY: tuple[type[Exception], ...] = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+    asyncpg.UndefinedFunctionError,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application (``uvicorn --factory api.app:create_app``)."""
     serving = settings is None  # built by uvicorn's factory call, to serve
     if settings is None:
-        logs.configure()
         settings = load_settings()
+        logs.configure(settings.log_level, settings.log_format or "json")
     database_url = require_database_url(settings)
 
     @asynccontextmanager
@@ -51,12 +63,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.freeze()
         app.state.sender = settings.sender
         app.state.settings = settings
+        # The start-up check, logged now and again while the database has a problem.
+        app.state.database = DatabaseWatch(app.state.pool, database_url)
+        watch = asyncio.create_task(app.state.database.run(), name="database-watch")
         try:
             yield
         finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
             await app.state.pool.close()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from files shipped in the package, not
+    # from a CDN: they work without internet access.
+    app = FastAPIOffline(
         title="Outbox",
         summary="User registration with a transactional email outbox.",
         version="0.1.0",
@@ -66,13 +85,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(admin.router)
+    # Before any route: bodies over 64 KiB are a 413, unstorable query text a 422.
+    app.add_middleware(BodyLimit)
+    app.add_middleware(QueryText)
 
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database.unavailable", extra={"path": request.url.path, "error": repr(exc)})
+        # Logged by the watch (rate-limited), which also notices when it is over.
+        problem = startup.classify(exc, database_url)
+        request.app.state.database.report(problem)
+        retryable = problem is None or problem.retryable
         return JSONResponse(
             {"detail": "the database is unavailable, retry later"},
             status_code=503,
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": "1" if retryable else "10"},
         )
 
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -85,8 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return JSONResponse({"detail": "internal error; nothing was stored"}, status_code=500)
 
-    # Unavailable: the server is unreachable, restarting, or out of connection slots.
-    for error in CONNECTION_ERRORS:
+    # Unavailable: the server is unreachable, restarting, or out of connection slots; or
+    # misconfigured: no such database or role, no access, a schema not at head.
+    for error in (*CONNECTION_ERRORS, *NOT_READY):
         app.add_exception_handler(error, _db_down)
     # Any other database error (a failing constraint or trigger, a bug in a query).
     app.add_exception_handler(asyncpg.PostgresError, _internal_error)

@@ -22,22 +22,29 @@ from pydantic import (
 
 from api.metrics import REGISTRATIONS
 from api.welcome import welcome_mail
-from dispatcher.outbox import enqueue_with, has_control_chars
+from dispatcher.addresses import email_key, smtp_address, unsafe_text
+from dispatcher.outbox import enqueue_with
 
 log = logging.getLogger("api.registration")
 router = APIRouter()
 
-INSERT_USER = "INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id, created_at"
-#: The unique index on lower(email): its violation, and only its, means "already registered".
-USERS_EMAIL_KEY = "users_email_lower_key"
+INSERT_USER = (
+    "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3) RETURNING id, created_at"
+)
+#: The unique index on users.email_key (one key per mailbox, whatever the letter case,
+#: Unicode normalisation or IDN spelling): its violation, and only its, means "already
+#: registered".
+USERS_EMAIL_KEY = "users_email_key_key"
 
 
 def _plain_text(value: str) -> str:
-    if has_control_chars(value):
-        raise ValueError("must be plain text without control characters (no CR, LF, tab, ...)")
-    if any("\ud800" <= ch <= "\udfff" for ch in value):
-        # JSON may spell lone surrogates (\ud800); they are not text and cannot be stored.
-        raise ValueError("must be valid Unicode text (no lone surrogates)")
+    # No controls (CR, LF, NUL, ...), line or paragraph separators, lone surrogates (JSON
+    # can spell them) or bidirectional overrides: the name goes into the subject and the
+    # To header, and is shown to operators. Anything else, zero-width joiners and text
+    # that looks like an RFC 2047 encoded word included, is stored and sent as typed.
+    reason = unsafe_text(value)
+    if reason is not None:
+        raise ValueError(reason)
     return value
 
 
@@ -49,9 +56,17 @@ def _bare_address(value: object) -> object:
     return value
 
 
+def _sendable(value: str) -> str:
+    # ValueError (a 422) if the domain has no ASCII (A-label) form, or the local part
+    # holds "=?" (mail readers would decode it as an encoded-word).
+    smtp_address(value)
+    return value
+
+
 Email = Annotated[
     EmailStr,
     BeforeValidator(_bare_address),
+    AfterValidator(_sendable),
     Field(max_length=254, examples=["ada@example.com"]),
 ]
 
@@ -108,7 +123,11 @@ def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
     status_code=201,
     response_model=Registered,
     responses={
-        409: {"description": "A user with this email (in any letter case) already exists."},
+        409: {
+            "description": "A user with this email already exists (in any letter case, "
+            "Unicode normalisation or IDN spelling)."
+        },
+        413: {"description": "The body is larger than 64 KiB."},
         422: {"description": "Invalid email or name, or a body that is not a JSON object."},
         503: {"description": "The database is unavailable; retry later."},
     },
@@ -148,7 +167,11 @@ async def register(request: Request) -> Response:
     async with request.app.state.gate, pool.acquire() as conn:
         try:
             written = await enqueue_with(
-                conn, INSERT_USER, (body.email, body.name), mail, sender=request.app.state.sender
+                conn,
+                INSERT_USER,
+                (body.email, email_key(body.email), body.name),
+                mail,
+                sender=request.app.state.sender,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != USERS_EMAIL_KEY:

@@ -1,9 +1,10 @@
 """The benchmark's baseline: the least code that does registration's database work.
 
 A bare FastAPI route on raw asyncpg: parse the JSON, then in one transaction insert the
-user and an outbox row with the same columns ``POST /register`` fills (rendered text and
-HTML bodies, Message-ID, sender) and the same commit-time NOTIFY. No validation models,
-no response model, no logging. Serve with::
+user (with its mailbox key, computed by the same ``dispatcher.addresses.email_key``) and an
+outbox row with the same columns ``POST /register`` fills (rendered text and HTML bodies,
+Message-ID, sender) and the same commit-time NOTIFY. No validation models, no response
+model, no logging. Serve with::
 
     DATABASE_URL=postgresql://... uvicorn --factory bench.raw_app:create_app
 """
@@ -20,8 +21,12 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from dispatcher.addresses import email_key
+
 SENDER = "Outbox <noreply@example.com>"
-INSERT_USER = "INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id, created_at"
+INSERT_USER = (
+    "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3) RETURNING id, created_at"
+)
 INSERT_MAIL = """
 WITH inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
@@ -61,7 +66,7 @@ def create_app() -> FastAPI:
         html = f"<p>Hello {escape(name)},</p><p>your account ({escape(email)}) is ready.</p>"
         pool: asyncpg.Pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
-            user = await conn.fetchrow(INSERT_USER, email, name)
+            user = await conn.fetchrow(INSERT_USER, email, email_key(email), name)
             mail = await conn.fetchrow(
                 INSERT_MAIL, message_id, SENDER, email, name, subject, text, html
             )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import NoReturn
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+from dispatcher import times
 
 
 def positive_int(text: str) -> int:
@@ -41,10 +44,10 @@ def port(text: str) -> int:
 
 def duration(text: str) -> timedelta:
     """An age such as ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected an age like 30d, 12h, 90m or 45s, got {text!r}")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    try:
+        return times.parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 #: The largest id a bigint column holds.
@@ -74,14 +77,57 @@ def page_size(text: str) -> int:
 
 def timestamp(text: str) -> datetime:
     """A point in time: ISO 8601 (``2026-11-24``, ``2026-11-24T10:00``, with or without an
-    offset; no offset means UTC) or an age meaning "that long ago" (``2h``, ``30d``)."""
-    if re.fullmatch(r"\s*\d+\s*[smhdw]\s*", text):
-        return datetime.now(UTC) - duration(text)
+    offset; no offset means UTC) or an age meaning "that long ago" (``2h``, ``30d``).
+    The same grammar as the HTTP API's ``since`` and ``until``."""
     try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a time like 2026-11-24, 2026-11-24T10:00:00+01:00 or an age like 2h, "
-            f"got {text!r}"
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return times.parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors help: an unknown flag is reported with the usage of the
+    (sub)command it was given to, and misspelt flags and commands get a suggestion."""
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """Like ``parse_args``, but unknown arguments are the chosen subcommand's error."""
+        ns, extras = self.parse_known_args(argv)
+        if extras:
+            target = _chosen(self, ns)
+            target.error(_unrecognized(target, extras))
+        return ns
+
+    def error(self, message: str) -> NoReturn:
+        match = re.search(r"invalid choice: '?(.*?)'? \(choose from", message)
+        if match:
+            choices = [str(c) for a in self._actions if a.choices for c in a.choices]
+            close = difflib.get_close_matches(match[1], choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
+def _chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand parser that ``ns`` went through."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(ns, action.dest, None)
+            if name in action.choices:
+                return _chosen(action.choices[name], ns)
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    hints: list[tuple[str, str]] = []
+    for extra in extras:
+        given = extra.partition("=")[0]
+        close = difflib.get_close_matches(given, flags, n=1) if given.startswith("-") else []
+        if close:
+            hints.append((close[0], given))
+    if len(hints) == 1:
+        message += f" (did you mean {hints[0][0]}?)"
+    elif hints:
+        message += f" (did you mean {', '.join(f'{c} for {g}' for c, g in hints)}?)"
+    return message

@@ -3,13 +3,15 @@
 Thin command-line front end of :mod:`dispatcher.operations`. Results go to stdout (a
 table, or JSON with ``--json``); progress of bulk operations and refusals go to stderr.
 Exit codes: 0 done; 1 the database is unreachable, a mail does not exist, or some ids
-were refused; 2 bad arguments or settings.
+were refused; 2 bad arguments or settings (a misconfigured database included: unknown
+role or database, schema not at head).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -21,20 +23,14 @@ from typing import Any, TextIO
 import asyncpg
 
 from cli import args as types
+from cli.output import OutputClosed
 from dispatcher import operations as ops
-from dispatcher.db import CONNECTION_ERRORS, Connection, asyncpg_dsn, redact
+from dispatcher import startup
+from dispatcher.db import CONNECTION_ERRORS, Connection
 from dispatcher.settings import load_settings, require_database_url
 
-CONNECT_TIMEOUT = 5.0
-
-#: Errors that mean "cannot get a working connection", beyond dropped connections.
-_UNREACHABLE: tuple[type[Exception], ...] = (
-    *CONNECTION_ERRORS,
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidPasswordError,
-    asyncpg.InvalidCatalogNameError,
-    asyncpg.TooManyConnectionsError,
-)
+#: Errors of the database itself, as opposed to bugs (see :func:`startup.classify`).
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 def register(sub: Any) -> None:
@@ -77,12 +73,18 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "retry",
-        help="send failed (or cancelled) mail again",
+        help="send failed (or cancelled) mail again; --now sends deferred mail at once",
         description="Put failed mail (and cancelled mail named by id) back in the queue, "
-        "due now. The attempts counter and history are kept.",
+        "due now. With --now, pending mail waiting for a later attempt is made due at once "
+        "too. The attempts counter and history are kept.",
     )
     p.add_argument("ids", type=types.outbox_id, nargs="*", metavar="ID", help="outbox ids")
     p.add_argument("--all-failed", action="store_true", help="retry every failed mail")
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="also make pending mail that waits for a later attempt due at once",
+    )
     p.add_argument(
         "--batch-size",
         type=types.positive_int,
@@ -137,33 +139,31 @@ def _database_url() -> str:
 
 
 def _run(command: str, work: Callable[[Connection], Awaitable[int]]) -> int:
-    """Connect, run ``work``, close; map database trouble to one line and exit code 1."""
+    """Check the database (:mod:`dispatcher.startup`), run ``work``, close; database
+    trouble is one line on stderr: exit 2 when misconfigured, 1 when unreachable."""
     url = _database_url()
 
     async def main() -> int:
-        conn = await asyncpg.connect(
-            asyncpg_dsn(url),
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"timezone": "UTC", "application_name": f"outbox {command}"},
-        )
+        conn = await startup.connect(url, application_name=f"outbox {command}")
         try:
+            await startup.check_schema(conn)
             return await work(conn)
         finally:
-            await conn.close(timeout=2)
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await conn.close(timeout=2)
 
     try:
         return asyncio.run(main())
-    except _UNREACHABLE as exc:
-        _error(command, f"cannot reach the database at {redact(url)}: {_describe(exc)}")
-    except asyncpg.UndefinedTableError:
-        _error(command, f"the database at {redact(url)} has no outbox tables; run `outbox migrate`")
-    except asyncpg.PostgresError as exc:
-        _error(command, f"database error: {_describe(exc)}")
-    return 1
-
-
-def _describe(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    except OutputClosed:
+        raise  # the reader of our output went away: not a database problem
+    except startup.StartupError as problem:
+        _error(command, str(problem))
+        return problem.exit_code
+    except _DATABASE_ERRORS as exc:
+        trouble = startup.classify(exc, url)
+        assert trouble is not None
+        _error(command, str(trouble))
+        return trouble.exit_code
 
 
 def _error(command: str, message: str) -> None:
@@ -278,7 +278,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(
             "attempts in the last hour: "
             f"{failures['failed']:,} failed, {failures['deferred']:,} deferred, "
-            f"{failures['abandoned']:,} abandoned",
+            f"{failures['unknown']:,} unknown, {failures['abandoned']:,} abandoned",
             file=out,
         )
         live = sum(d.live for d in summary.dispatchers)
@@ -296,6 +296,14 @@ def cmd_status(ns: argparse.Namespace) -> int:
                 for d in summary.dispatchers
             ]
             _table(["  NAME", "HOST", "PID", "STARTED", "LAST BEAT", "STATE"], _indent(rows), out)
+            for d in summary.dispatchers:
+                if d.live and d.smtp_error is not None:
+                    print(
+                        f"  {_clean(d.name, 40)}: sending paused since "
+                        f"{_time(d.smtp_unreachable_since)}, SMTP server "
+                        f"unreachable: {_clean(d.smtp_error, 200)}",
+                        file=out,
+                    )
         return 0
 
     return _run("status", work)
@@ -331,12 +339,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
                 _time(r.created_at),
                 _clean(r.recipient, 40),
                 _clean(r.subject, 40),
-                _clean(
-                    f"{r.last_smtp_code} {r.last_error or ''}"
-                    if r.last_smtp_code
-                    else r.last_error,
-                    50,
-                ),
+                _clean(_last_error(r) or "", 50),
             ]
             for r in page.items
         ]
@@ -372,6 +375,14 @@ def cmd_show(ns: argparse.Namespace) -> int:
     return _run("show", work)
 
 
+def _last_error(row: ops.MailRow) -> str | None:
+    """The last failure: its SMTP code and error; None when there was none (a 2xx code
+    is the reply that accepted the mail, not an error)."""
+    code = row.last_smtp_code if row.last_smtp_code and row.last_smtp_code >= 300 else None
+    text = " ".join(str(part) for part in (code, row.last_error) if part is not None)
+    return text or None
+
+
 def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
     r = detail.row
     fields: list[tuple[str, object]] = [
@@ -389,7 +400,7 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
             "lease",
             f"{r.lease_owner} until {_time(r.lease_expires_at)} UTC" if r.lease_owner else "-",
         ),
-        ("last error", f"{r.last_smtp_code or ''} {r.last_error or ''}".strip() or "-"),
+        ("last error", _last_error(r) or "-"),
     ]
     print(f"mail {r.id}", file=out)
     for name, value in fields:
@@ -408,13 +419,23 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
                 _clean(a.dispatcher, 30),
                 _time(a.started_at),
                 f"{(a.finished_at - a.started_at).total_seconds():.3f}s",
+                a.smtp_stage or "-",
                 str(a.smtp_code or "-"),
                 _clean(a.error or a.smtp_reply, 60),
             ]
             for a in detail.history
         ]
         _table(
-            ["  #", "OUTCOME", "DISPATCHER", "STARTED (UTC)", "TOOK", "CODE", "REPLY / ERROR"],
+            [
+                "  #",
+                "OUTCOME",
+                "DISPATCHER",
+                "STARTED (UTC)",
+                "TOOK",
+                "REACHED",
+                "CODE",
+                "REPLY / ERROR",
+            ],
             rows,
             out,
         )
@@ -425,11 +446,12 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
         print(f"body (html): {len(detail.body_html):,} characters (--json shows it)", file=out)
 
 
-def _report(command: str, verb: str, result: ops.ChangeResult) -> int:
+def _report(command: str, verb: str, result: ops.ChangeResult, hint: str = "") -> int:
     if result.changed:
         print(f"{verb}: {' '.join(str(i) for i in result.changed)}")
     for refused in result.refused:
-        _error(command, f"{refused.id}: {refused.reason}")
+        extra = hint if refused.status == "pending" else ""
+        _error(command, f"{refused.id}: {refused.reason}{extra}")
     return 1 if result.refused else 0
 
 
@@ -443,7 +465,8 @@ def cmd_retry(ns: argparse.Namespace) -> int:
 
     async def work(conn: Connection) -> int:
         if not ns.all_failed:
-            return _report("retry", "retried", await ops.retry(conn, ns.ids))
+            result = await ops.retry(conn, ns.ids, now=ns.now)
+            return _report("retry", "retried", result, " (--now makes it due at once)")
         progress = _Progress()
         total = await ops.retry_all_failed(
             conn,

@@ -2,18 +2,24 @@
 
 Starts (unless configured otherwise) an embedded PostgreSQL and a local SMTP sink in a
 project-local data folder, migrates, then runs ``outbox api`` and ``outbox dispatcher`` as
-child processes. Ctrl-C (or SIGTERM) stops the children gracefully, then the sink and the
-database. A second run reuses the same data, so pending mail survives a restart.
+child processes, and prints where everything is once the API answers. Ctrl-C (or SIGTERM)
+stops the children gracefully, then the sink and the database (only if it started it). A
+second run reuses the same data, so pending mail survives a restart; a second run while
+the first is alive (the data folder's ``dev.lock``) says so and exits 2, touching nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,10 +27,13 @@ from typing import Any
 import asyncpg
 
 from cli import args as types
+from cli.ports import listen_problem
 from dispatcher.db import asyncpg_dsn, redact
 from dispatcher.settings import load_settings
 
 GRACE_SECONDS = 30.0
+#: How long the API gets to answer before `outbox dev` gives up.
+STARTUP_SECONDS = 60.0
 
 
 def default_data_dir() -> Path:
@@ -75,13 +84,30 @@ def run(ns: argparse.Namespace) -> int:
     from cli import migrate
     from cli.embedded_pg import EmbeddedPostgres, free_port
     from cli.sink import start_sink
-    from dispatcher import logs
+    from dispatcher import logs, startup
 
-    logs.configure()
     settings = load_settings()
+    log_format = settings.log_format or "console"
+    logs.configure(settings.log_level, log_format)
     data_dir: Path = ns.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://{_url_host(ns.host)}:{ns.port}"
+    lock = _lock(data_dir, api_url)
+    if lock is None:
+        holder = _holder(data_dir)
+        print(
+            f"outbox dev: already running at {holder.get('api', '(unknown)')}, "
+            f"pid {holder.get('pid', '(unknown)')} (data in {data_dir}); "
+            "stop it first, or use another --data-dir",
+            file=sys.stderr,
+        )
+        return 2
+    problem = listen_problem(ns.host, ns.port)
+    if problem is not None:  # before anything is started
+        print(f"outbox dev: {problem}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
+    env["LOG_FORMAT"] = log_format
 
     stop = threading.Event()
     signals_seen: list[int] = []
@@ -100,12 +126,27 @@ def run(ns: argparse.Namespace) -> int:
 
     pg: EmbeddedPostgres | None = None
     sink = None
+    failed = False
     try:
         if settings.database_url:
             database_url = settings.database_url
+            startup.check_or_exit(database_url, "dev", schema=False)
         else:
             pg = EmbeddedPostgres(data_dir / "postgres")
-            server_url = pg.start()
+            try:
+                server_url = pg.start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                reason = " ".join(str(exc).split())[:300]
+                print(
+                    f"outbox dev: cannot start PostgreSQL in {pg.pgdata}: {reason}", file=sys.stderr
+                )
+                return 1
+            if not pg.started:
+                print(
+                    f"outbox dev: using the PostgreSQL already running on {pg.pgdata} "
+                    "(it is left running at exit)",
+                    file=sys.stderr,
+                )
             asyncio.run(_ensure_database(server_url, "outbox"))
             database_url = pg.url("outbox")
             env["DATABASE_URL"] = database_url
@@ -128,19 +169,96 @@ def run(ns: argparse.Namespace) -> int:
             # exactly one SIGTERM, which it treats as a graceful stop.
             children.append(subprocess.Popen(command, env=env, start_new_session=True))
 
-        _banner(ns, database_url, mail_dir, env)
-        while not stop.wait(0.2):
+        trouble = _wait_until_listening(ns.host, ns.port, children, stop)
+        if trouble:
+            print(f"outbox dev: {trouble}; stopping", file=sys.stderr)
+            failed = True
+        elif not stop.is_set():
+            _banner(ns, database_url, mail_dir, env)
+        while not failed and not stop.wait(0.2):
             if any(child.poll() is not None for child in children):
                 print("outbox dev: a child process exited; stopping", file=sys.stderr)
-                break
+                failed = True
     finally:
         _stop_children(children, signals_seen)
         if sink is not None:
             sink.stop()
-        if pg is not None:
+        if pg is not None and pg.started:  # never one it did not start
             pg.stop()
-    failed = any(child.returncode not in (0, None) for child in children) and not signals_seen
-    return 1 if failed else 0
+        os.close(lock)
+    return 1 if failed and not signals_seen else 0
+
+
+LOCK_FILE = "dev.lock"
+
+
+def _lock(data_dir: Path, api_url: str) -> int | None:
+    """Hold ``data_dir/dev.lock`` while this process lives; None if another process does.
+
+    The lock is an flock, which the kernel releases when its holder dies however it dies,
+    so a stale file never blocks a new run. The file says who holds it, for the message.
+    """
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "api": api_url}).encode())
+    return fd
+
+
+def _holder(data_dir: Path) -> dict[str, object]:
+    """What the lock file says about the process holding it (empty if unreadable)."""
+    try:
+        holder = json.loads((data_dir / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _url_host(host: str) -> str:
+    """Where to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):  # noqa: S104 - a bind address, not binding here
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _wait_until_listening(
+    host: str, port: int, children: list[subprocess.Popen[bytes]], stop: threading.Event
+) -> str | None:
+    """Wait until the API answers ``/healthz``; else say why not (None: it answers, or a
+    stop was requested)."""
+    names = ("the API", "the dispatcher")
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not stop.is_set():
+        for name, child in zip(names, children, strict=False):
+            code = child.poll()
+            if code is not None:
+                why = f"{name} exited with status {code} before the API was listening"
+                problem = listen_problem(host, port)
+                return f"{why} ({problem})" if problem else why
+        if _answers(_url_host(host).strip("[]"), port):
+            return None
+        if time.monotonic() > deadline:
+            return f"the API did not answer on port {port} within {STARTUP_SECONDS:.0f} s"
+        stop.wait(0.1)
+    return None
+
+
+def _answers(host: str, port: int) -> bool:
+    """True if an HTTP server on host:port answers GET /healthz with 200 (no proxy)."""
+    connection = http.client.HTTPConnection(host, port, timeout=1)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]], signals_seen: list[int]) -> None:
@@ -158,7 +276,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]], signals_seen: list[i
 def _banner(
     ns: argparse.Namespace, database_url: str, mail_dir: Path | None, env: dict[str, str]
 ) -> None:
-    base = f"http://{ns.host}:{ns.port}"
+    base = f"http://{_url_host(ns.host)}:{ns.port}"
     mail = f"files in {mail_dir}" if mail_dir else f"SMTP {env.get('SMTP_HOST')}"
     lines = [
         "",

@@ -49,6 +49,8 @@ class EmbeddedPostgres:
     #: Extra server settings, e.g. {"fsync": "off"} for throwaway test clusters.
     settings: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    #: True once :meth:`start` started the server itself (not adopting a running one).
+    started: bool = False
 
     @property
     def pgdata(self) -> Path:
@@ -115,10 +117,23 @@ class EmbeddedPostgres:
         self.root.chmod(0o755)
 
     def running(self) -> bool:
-        """True if a postmaster is running on this data folder."""
-        if not (self.pgdata / "PG_VERSION").exists():
+        """True if a postmaster is running on this data folder.
+
+        What ``pg_ctl status`` checks (the pid file names a live process), read by this
+        process: as root, the service user may have lost its way to the folder meanwhile
+        (a parent's permissions reset), which must not make a live server look gone.
+        """
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
             return False
-        return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False).returncode == 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, and another user's
+            return True
+        return True
 
     def running_port(self) -> int | None:
         """The port of the running postmaster, from its pid file."""
@@ -143,7 +158,7 @@ class EmbeddedPostgres:
                 "--encoding=UTF8",
                 "--locale=C",
             )
-        if self.running():
+        if self.running():  # adopted: whoever started it stops it
             self.port = self.running_port() or self.port
             return self.url()
         port_file = self.root / "port"
@@ -169,11 +184,13 @@ class EmbeddedPostgres:
             tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {result.stderr.strip()}\n{tail}")
         port_file.write_text(str(self.port))
+        self.started = True
         return self.url()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast`` rolls back open transactions; ``immediate`` is a crash)."""
         if self.running():
+            self._prepare_root()  # the service user must still reach the folder
             self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.pgdata))
 
     def restart(self, mode: str = "fast") -> None:

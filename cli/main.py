@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from cli import args as types
+from cli import output
+from dispatcher import startup
 from dispatcher.settings import load_settings, require_database_url
 
 
@@ -16,19 +19,36 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
     from dispatcher.db import redact
 
     url = require_database_url(load_settings())
+    startup.check_or_exit(url, "migrate", schema=False)  # the server, role and database
     migrate.upgrade_or_exit(url, "outbox migrate")
     print(f"schema is at head on {redact(url)}")
     return 0
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_api(ns: argparse.Namespace) -> int:
-    """Serve the HTTP API with uvicorn."""
+    """Serve the HTTP API with uvicorn; exit 0 after a graceful stop (SIGTERM, SIGINT)."""
     import uvicorn
 
+    from cli.ports import listen_problem
     from dispatcher import logs
 
-    logs.configure()
-    require_database_url(load_settings())  # fail here, naming the setting, not in each worker
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format or "json")
+    require_database_url(settings)  # fail here, naming the setting, not in each worker
+    problem = listen_problem(ns.host, ns.port)
+    if problem is not None:
+        print(f"outbox api: {problem}", file=sys.stderr)
+        return 2
+    # After a graceful shutdown uvicorn raises the signal that stopped it again, for the
+    # handler that was in place before it: by default status 143 (SIGTERM) or a
+    # KeyboardInterrupt (SIGINT). A requested stop is a success, and so is a signal that
+    # arrives before uvicorn took over its signals: either way, exit 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stopped)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -42,9 +62,9 @@ def cmd_api(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> types.Parser:
     """The full command-line parser."""
-    parser = argparse.ArgumentParser(
+    parser = types.Parser(
         prog="outbox",
         description="Transactional email outbox: registration API, dispatcher and operations.",
     )
@@ -74,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``outbox`` command line."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    output.guard()
     try:
+        ns = build_parser().parse(argv)
         code: int = ns.handler(ns)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except output.OutputClosed:
+        return output.closed()
     return code
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -32,13 +33,29 @@ def downgrade(database_url: str, revision: str) -> None:
 def upgrade_or_exit(database_url: str, command_name: str) -> None:
     """:func:`upgrade`, turning a database error into a one-line message and exit status 1."""
     import asyncpg
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from dispatcher.db import redact
 
     try:
         upgrade(database_url)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
+    except CommandError as exc:  # e.g. the database is at a revision we do not know
+        print(
+            f"{command_name}: cannot migrate the database at {redact(database_url)}: {exc} "
+            "(a newer version of outbox migrated it? upgrade outbox, or fix DATABASE_URL)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    # RuntimeError: a migration refusing data it cannot carry over (two users with one
+    # mailbox, say) and saying what to fix; its transaction was rolled back.
+    except (
+        OSError,
+        RuntimeError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        SQLAlchemyError,
+    ) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SystemExit(
             f"{command_name}: cannot migrate the database at {redact(database_url)}: "

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, start_http_server
 
 from cli import args as types
-from dispatcher import logs
-from dispatcher.daemon import Dispatcher, DispatcherConfig, NameInUse
+from dispatcher import logs, startup
+from dispatcher.backoff import full_jitter
 from dispatcher.db import create_pool
 from dispatcher.queue_metrics import QueueCollector, QueueSample, sample_queue
 from dispatcher.settings import load_settings, require_database_url
-from dispatcher.smtp import SmtpConfig
+
+if TYPE_CHECKING:
+    from dispatcher.daemon import Dispatcher
 
 log = logging.getLogger("dispatcher")
 
@@ -70,9 +73,19 @@ def register(sub: Any) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Start the daemon; exit 0 after a graceful stop."""
-    logs.configure()
+    """Start the daemon once the database is usable; exit 0 after a graceful stop.
+
+    A misconfigured database (unknown role or database, schema not at head) stops
+    start-up at once with one line and status 2; an unreachable one is waited for.
+    """
+    # Imported here, not at the top: every `outbox` command builds this parser, and the
+    # daemon's metrics must not appear in other processes (the API's /metrics).
+    from cli.ports import listen_problem
+    from dispatcher.daemon import Dispatcher, DispatcherConfig
+    from dispatcher.smtp import SmtpConfig
+
     settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format or "json")
     database_url = require_database_url(settings)
     config = DispatcherConfig.from_settings(
         settings,
@@ -85,8 +98,59 @@ def run(ns: argparse.Namespace) -> int:
         grace=ns.grace,
     )
     metrics_port = ns.metrics_port or settings.dispatcher_metrics_port
+    if metrics_port:
+        problem = listen_problem("127.0.0.1", metrics_port)
+        if problem is not None:
+            problem = problem.replace("--port", "--metrics-port")
+            print(f"outbox dispatcher: {problem}", file=sys.stderr)
+            return 2
     dispatcher = Dispatcher(config, database_url, SmtpConfig.from_settings(settings))
     return asyncio.run(_serve(dispatcher, database_url, metrics_port))
+
+
+async def _wait_for_database(database_url: str, name: str, stopping: asyncio.Event) -> bool:
+    """Run the start-up check until it passes (True) or a stop is requested (False).
+
+    Raises :class:`startup.StartupError` for a misconfiguration: only an unreachable
+    database is retried, with capped, jittered backoff and one log line per try.
+    """
+    attempt = 0
+    while True:
+        check = asyncio.ensure_future(
+            startup.check(database_url, application_name=f"outbox-dispatcher:{name}"[:63])
+        )
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({check, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not check.done():
+            check.cancel()
+            await asyncio.gather(check, return_exceptions=True)
+            return False
+        try:
+            revision = check.result()
+        except startup.StartupError as problem:
+            if not problem.retryable:
+                raise
+            attempt += 1
+            delay = full_jitter(attempt, 0.5, 5.0) + 0.1
+            log.warning(
+                "database.unreachable",
+                extra={
+                    "dispatcher": name,
+                    "setting": "DATABASE_URL",
+                    "error": str(problem),
+                    "attempt": attempt,
+                    "retry_in": round(delay, 2),
+                },
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            if stopping.is_set():
+                return False
+            continue
+        if attempt:
+            log.info("database.reachable", extra={"dispatcher": name, "schema": revision})
+        return True
 
 
 async def _sample_queue_forever(database_url: str, latest: list[QueueSample]) -> None:
@@ -103,6 +167,8 @@ async def _sample_queue_forever(database_url: str, latest: list[QueueSample]) ->
 
 
 async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | None) -> int:
+    from dispatcher.daemon import NameInUse
+
     loop = asyncio.get_running_loop()
     sampler = None
     if metrics_port:
@@ -111,6 +177,7 @@ async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | 
         start_http_server(metrics_port, addr="127.0.0.1")
         sampler = asyncio.create_task(_sample_queue_forever(database_url, latest))
     received: list[int] = []
+    stopping = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         received.append(signum)
@@ -119,6 +186,7 @@ async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | 
                 "dispatcher.signal",
                 extra={"signal": signal.Signals(signum).name, "dispatcher": dispatcher.config.name},
             )
+            stopping.set()
             dispatcher.request_stop()
         else:
             # Second signal: leave now. Our leases go stale and other dispatchers take over.
@@ -129,7 +197,12 @@ async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
+        if not await _wait_for_database(database_url, dispatcher.config.name, stopping):
+            return 0  # stopped while waiting: nothing was claimed
         await dispatcher.run()
+    except startup.StartupError as problem:
+        print(f"outbox dispatcher: {problem}", file=sys.stderr)
+        return problem.exit_code
     except NameInUse as exc:
         print(f"outbox dispatcher: --name {exc} is in use by a live dispatcher", file=sys.stderr)
         return 2

@@ -104,6 +104,16 @@ class SmtpAddress:
 
 @functools.lru_cache(maxsize=4096)
 def smtp_address(address: str) -> SmtpAddress:
-    """Split ``address`` and convert its domain to ASCII; ValueError if impossible."""
+    """Split ``address`` and convert its domain to ASCII; ValueError if impossible.
+
+    Also refused: a local part holding ``=?``. RFC 5322 allows it, but mail readers
+    (Python's email package among them) decode it as an RFC 2047 encoded-word, so the
+    address a reader sees would not be the address the mail went to.
+    """
     local, domain = _split(address)
+    if "=?" in local:
+        raise ValueError("the local part must not contain '=?' (it reads as an encoded-word)")
+    reason = unsafe_text(local)
+    if reason is not None:
+        raise ValueError(f"the local part {reason}")
     return SmtpAddress(unicodedata.normalize("NFC", local), ascii_domain(domain))

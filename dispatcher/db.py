@@ -39,7 +39,9 @@ def asyncpg_dsn(url: str) -> str:
             "must start with postgresql:// or postgresql+asyncpg:// "
             f"(got scheme {parts.scheme or '(none)'!r})"
         )
-    return urlunsplit(("postgresql", *parts[1:]))
+    # The scheme is swapped textually: urlunsplit would drop the "//" of a URL without a
+    # host (postgresql:///db?host=/run/postgresql), which asyncpg then refuses.
+    return "postgresql" + url.strip()[len(parts.scheme) :]
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -1,7 +1,10 @@
 """Structured logging: one JSON object per line, with the event's fields at top level.
 
 Log with ``log.info("mail.sent", extra={"outbox_id": 1, "message_id": "<...>"})``; the
-message is the event name and every ``extra`` key becomes a field.
+message is the event name and every ``extra`` key becomes a field. ``LOG_FORMAT=console``
+(the default of ``outbox dev``) prints the same records as one readable line each
+(``12:00:01.234 INFO  dispatcher  mail.sent outbox_id=1 ...``); ``LOG_LEVEL`` sets the
+threshold everywhere.
 """
 
 from __future__ import annotations
@@ -32,21 +35,48 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure(level: str = "INFO") -> None:
-    """Send all logging to stderr as JSON lines (idempotent)."""
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
+
+
+class ConsoleFormatter(logging.Formatter):
+    """One readable line per record: time, level, logger, event, then ``key=value`` pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        parts = [when, f"{record.levelname:<7}", f"{record.name:<16}", record.getMessage()]
+        for key, value in _extras(record).items():
+            text = str(value)
+            if not text or any(ch.isspace() or ch in '"=\x7f' or ch < " " for ch in text):
+                text = json.dumps(text, ensure_ascii=False)  # quoted, control chars escaped
+            parts.append(f"{key}={text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = ("json", "console")
+
+
+def configure(level: str = "INFO", fmt: str = "json") -> None:
+    """Send all logging to stderr, as JSON lines or readable console lines (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(ConsoleFormatter() if fmt == "console" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     # uvicorn.access is left alone: `outbox api` turns the access log off (uvicorn then
     # detaches that logger), and re-attaching it here would log every request anyway.
     for name in ("uvicorn", "uvicorn.error", "aiosmtpd", "mail.log"):
@@ -54,3 +84,5 @@ def configure(level: str = "INFO") -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Alembic announces each of its plugins whenever migrations/ is loaded.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -7,10 +7,12 @@ from a pool) and returns frozen dataclasses. All SQL is parameterised.
 Safety against running dispatchers: a dispatcher only ever changes a row in ``sending``,
 guarded by its lease token, and only a claim moves a row into ``sending``. Every state
 change here is one guarded ``UPDATE ... WHERE status IN (...)`` (or ``DELETE``) that
-never matches ``sending``, so it cannot race with a lease: either the operator's change
-commits first (and the claim no longer sees a due row), or the claim does (and the
-operator's guard no longer matches, which is reported as "not retryable" or "not
-cancellable").
+never matches a ``sending`` row whose lease is honoured, so it cannot race with a lease:
+either the operator's change commits first (and the claim no longer sees a due row), or
+the claim does (and the operator's guard no longer matches, which is reported as "not
+retryable" or "not cancellable"). Cancelling a ``sending`` row whose dispatcher is gone
+clears its lease token, so if that dispatcher was only frozen, what it records later
+changes nothing.
 
 Decisions (documented in docs/audit.md as well):
 
@@ -21,8 +23,11 @@ Decisions (documented in docs/audit.md as well):
   retried row gets at least one fresh attempt; if that attempt fails transiently and the
   row is already past the dispatcher's retry limits, it goes back to ``failed`` (retry
   again once the cause is fixed). ``--all-failed`` retries only ``failed`` rows.
-* **cancel** applies to ``pending`` and ``failed`` rows only. A ``sending`` row is being
-  delivered right now and cannot be recalled; wait for its outcome.
+  ``--now`` also makes ``pending`` mail that waits for a later attempt due at once.
+* **cancel** applies to ``pending`` and ``failed`` rows, and to a ``sending`` row whose
+  dispatcher is gone (its lease expired, or it has not heartbeated for ``LIVE_SECONDS``),
+  so a row that took its dispatcher down can be stopped without SQL. A ``sending`` row of
+  a live dispatcher is being delivered right now and cannot be recalled.
 * **prune** deletes ``sent`` and ``cancelled`` rows (and their attempts) older than a
   cutoff; ``failed`` rows only when asked (``include_failed``), because a failed row is
   an undelivered mail that an operator may still want to read or retry. ``pending`` and
@@ -48,6 +53,7 @@ __all__ = [
     "LIVE_SECONDS",
     "PRUNABLE",
     "RETRYABLE",
+    "RETRYABLE_NOW",
     "STATUSES",
     "Attempt",
     "ChangeResult",
@@ -75,6 +81,8 @@ Status = Literal["pending", "sending", "sent", "failed", "cancelled"]
 STATUSES: Final[tuple[Status, ...]] = ("pending", "sending", "sent", "failed", "cancelled")
 #: Statuses that ``retry`` moves back to pending when the ids are named.
 RETRYABLE: Final[tuple[Status, ...]] = ("failed", "cancelled")
+#: Statuses that ``retry(now=True)`` makes due at once.
+RETRYABLE_NOW: Final[tuple[Status, ...]] = ("pending", "failed", "cancelled")
 #: Statuses that ``cancel`` accepts.
 CANCELLABLE: Final[tuple[Status, ...]] = ("pending", "failed")
 #: Statuses that ``prune`` may delete (``failed`` only on request).
@@ -125,6 +133,9 @@ class Attempt:
     smtp_reply: str | None
     error: str | None
     lease_lost: bool
+    #: The last SMTP step the attempt began (connect, mail, rcpt, data, end_of_data; render
+    #: when the message could not be built); None for abandoned attempts.
+    smtp_stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +172,9 @@ class DispatcherInfo:
     started_at: datetime
     last_beat_at: datetime
     live: bool
+    #: Why it cannot reach its SMTP server (sending is paused), and since when.
+    smtp_error: str | None = None
+    smtp_unreachable_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +266,8 @@ _COUNT_SENT = "SELECT count(*) FROM outbox WHERE status = 'sent'"
 
 _DISPATCHERS = f"""
 SELECT name, hostname, pid, started_at, last_beat_at,
-       last_beat_at > now() - interval '{LIVE_SECONDS} seconds' AS live
+       last_beat_at > now() - interval '{LIVE_SECONDS} seconds' AS live,
+       smtp_error, smtp_unreachable_since
 FROM dispatchers
 ORDER BY name
 """
@@ -268,7 +283,7 @@ _GET = f"SELECT {_ROW_COLUMNS}, body_text, body_html, leased_at FROM outbox WHER
 
 _HISTORY = """
 SELECT attempt, dispatcher, started_at, finished_at, outcome, smtp_code, smtp_reply, error,
-       lease_lost
+       lease_lost, smtp_stage
 FROM outbox_attempts
 WHERE outbox_id = $1
 ORDER BY attempt, id
@@ -278,32 +293,72 @@ ORDER BY attempt, id
 # operators changing overlapping sets of ids at once cannot deadlock; a row a claim has
 # just taken fails the guard once the claim commits. The final SELECT reads the snapshot
 # the statement started with, so it reports each id's status before the change (the
-# reason for a refusal).
+# reason for a refusal). {guard} is checked on the locked row again, {history} may add
+# attempts for the changed rows.
 _CHANGE = """
 WITH wanted AS (
     SELECT DISTINCT unnest($1::bigint[]) AS id
 ),
 locked AS (
-    SELECT id FROM outbox
-    WHERE id IN (SELECT id FROM wanted) AND status = ANY($2::text[])
+    SELECT id, status, attempts, lease_owner, leased_at FROM outbox
+    WHERE id IN (SELECT id FROM wanted) AND ({guard})
     ORDER BY id
     FOR UPDATE
 ),
 changed AS (
-    UPDATE outbox o
+    UPDATE outbox
     SET {assignments}, updated_at = now()
     FROM locked
-    WHERE o.id = locked.id AND o.status = ANY($2::text[])
-    RETURNING o.id
-)
+    WHERE outbox.id = locked.id AND ({guard})
+    RETURNING outbox.id
+){history}
 SELECT w.id, o.status, o.lease_owner, c.id IS NOT NULL AS changed
 FROM wanted w
 LEFT JOIN outbox o ON o.id = w.id
 LEFT JOIN changed c ON c.id = w.id
 ORDER BY w.id
 """
-_RETRY = _CHANGE.format(assignments="status = 'pending', next_attempt_at = now()")
-_CANCEL = _CHANGE.format(assignments="status = 'cancelled'")
+_RETRY = _CHANGE.format(
+    guard="outbox.status = ANY($2::text[])",
+    assignments="status = 'pending', next_attempt_at = now()",
+    history="",
+)
+# Retry with now: pending mail waiting for a later attempt becomes due at once too (a
+# pending row already due keeps its place in the queue).
+_RETRY_NOW = _CHANGE.format(
+    guard="outbox.status = ANY($2::text[])",
+    assignments="""status = 'pending', next_attempt_at = CASE
+        WHEN outbox.status = 'pending' THEN least(outbox.next_attempt_at, now()) ELSE now()
+    END""",
+    history="",
+)
+# Cancel also takes a 'sending' row whose lease can no longer be honoured: it expired, or
+# its dispatcher has not heartbeated for $3 seconds (killed, or stuck on this very row).
+# Its lease is cleared, so a dispatcher that comes back records its outcome as lease_lost
+# without changing the row, and the attempt it never finished is written as abandoned.
+_CANCEL = _CHANGE.format(
+    guard="""outbox.status = ANY($2::text[]) OR (
+        outbox.status = 'sending' AND (
+            outbox.lease_expires_at <= now()
+            OR NOT EXISTS (
+                SELECT 1 FROM dispatchers d
+                WHERE d.name = outbox.lease_owner
+                  AND d.last_beat_at > now() - make_interval(secs => $3)
+            )
+        )
+    )""",
+    assignments="""status = 'cancelled', lease_owner = NULL, lease_token = NULL,
+        leased_at = NULL, lease_expires_at = NULL""",
+    history=""",
+history AS (
+    INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                                 outcome, error)
+    SELECT l.id, l.attempts, l.lease_owner, l.leased_at, now(), 'abandoned',
+           'no outcome recorded: cancelled after its dispatcher stopped'
+    FROM locked l JOIN changed c ON c.id = l.id
+    WHERE l.status = 'sending'
+)""",
+)
 
 # Retry every failed row, a chunk at a time in id order (each row at most once per run,
 # even if it fails again meanwhile). Uses outbox_failed_cancelled_idx.
@@ -434,6 +489,8 @@ async def status_summary(conn: Connection, *, exact: bool = False) -> StatusSumm
             started_at=r["started_at"],
             last_beat_at=r["last_beat_at"],
             live=r["live"],
+            smtp_error=r["smtp_error"],
+            smtp_unreachable_since=r["smtp_unreachable_since"],
         )
         for r in await conn.fetch(_DISPATCHERS)
     )
@@ -442,7 +499,9 @@ async def status_summary(conn: Connection, *, exact: bool = False) -> StatusSumm
     return StatusSummary(
         queue=queue,
         dispatchers=dispatchers,
-        failures_last_hour={k: failures.get(k, 0) for k in ("failed", "deferred", "abandoned")},
+        failures_last_hour={
+            k: failures.get(k, 0) for k in ("failed", "deferred", "unknown", "abandoned")
+        },
         checked_at=checked_at,
     )
 
@@ -523,14 +582,17 @@ async def show(conn: Connection, outbox_id: int) -> MailDetail | None:
             smtp_reply=r["smtp_reply"],
             error=r["error"],
             lease_lost=r["lease_lost"],
+            smtp_stage=r["smtp_stage"],
         )
         for r in await conn.fetch(_HISTORY, outbox_id)
     )
     headers: tuple[tuple[str, str], ...] = ()
     render_error = None
     try:
-        message = build_message(record)
-        headers = tuple((name, str(value)) for name, value in message.items())
+        # As written on the wire (encoded-words stay encoded), unfolded to one line each.
+        headers = tuple(
+            (name, value.replace("\r\n", "")) for name, value in build_message(record).headers
+        )
     except (ValueError, TypeError) as exc:
         render_error = str(exc)
     return MailDetail(
@@ -573,13 +635,13 @@ async def _change(
     ids: Sequence[int],
     allowed: Sequence[str],
     reasons: Mapping[str, str],
-    *,
+    *args: object,
     notify: bool,
 ) -> ChangeResult:
     changed: list[int] = []
     refused: list[Refused] = []
     async with conn.transaction():
-        for r in await conn.fetch(statement, _check_ids(ids), list(allowed)):
+        for r in await conn.fetch(statement, _check_ids(ids), list(allowed), *args):
             if r["changed"]:
                 changed.append(r["id"])
             elif r["status"] is None:
@@ -597,12 +659,16 @@ async def _change(
     return ChangeResult(changed=tuple(changed), refused=tuple(refused))
 
 
-async def retry(conn: Connection, ids: Sequence[int]) -> ChangeResult:
+async def retry(conn: Connection, ids: Sequence[int], *, now: bool = False) -> ChangeResult:
     """Put the named ``failed`` or ``cancelled`` rows back to pending, due now.
 
-    The attempts counter and the attempt history are kept. Idle dispatchers are woken
-    with NOTIFY. Ids in any other status (or missing) are reported in ``refused``.
+    With ``now``, ``pending`` rows waiting for a later attempt (deferred, or enqueued with
+    ``not_before``) are made due at once as well. The attempts counter and the attempt
+    history are kept. Idle dispatchers are woken with NOTIFY. Ids in any other status (or
+    missing) are reported in ``refused``.
     """
+    if now:
+        return await _change(conn, _RETRY_NOW, ids, RETRYABLE_NOW, _RETRY_REASONS, notify=True)
     return await _change(conn, _RETRY, ids, RETRYABLE, _RETRY_REASONS, notify=True)
 
 
@@ -635,8 +701,12 @@ async def retry_all_failed(
 
 
 async def cancel(conn: Connection, ids: Sequence[int]) -> ChangeResult:
-    """Cancel the named ``pending`` or ``failed`` rows; never a row being sent."""
-    return await _change(conn, _CANCEL, ids, CANCELLABLE, _CANCEL_REASONS, notify=False)
+    """Cancel the named ``pending`` or ``failed`` rows, and ``sending`` rows whose
+    dispatcher is gone (lease expired, or no heartbeat for ``LIVE_SECONDS``); never a
+    row a live dispatcher is sending."""
+    return await _change(
+        conn, _CANCEL, ids, CANCELLABLE, _CANCEL_REASONS, LIVE_SECONDS, notify=False
+    )
 
 
 async def prune(

@@ -7,7 +7,6 @@ if and only if that write commits. The dispatcher delivers it afterwards.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,17 +17,10 @@ from functools import lru_cache
 from asyncpg import Record
 
 from dispatcher import queries
+from dispatcher.addresses import ascii_domain, smtp_address, unsafe_text
 from dispatcher.db import Connection
 
-__all__ = ["Enqueued", "Mail", "enqueue", "enqueue_with", "has_control_chars"]
-
-
-_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def has_control_chars(value: str) -> bool:
-    """True if the text holds a C0/C1 control character (CR and LF included)."""
-    return _CONTROL_CHAR.search(value) is not None
+__all__ = ["Enqueued", "Mail", "enqueue", "enqueue_with"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +33,19 @@ class Mail:
     body_html: str | None = None
 
     def __post_init__(self) -> None:
-        # Header values must never carry CR/LF: that is how header injection happens.
+        # Header values must never carry a line break of any kind (CR, LF, U+2028, ...):
+        # that is how header injection happens, and such a mail could never be rendered.
         for field, value in (
             ("subject", self.subject),
             ("recipient name", self.recipient.display_name),
             ("recipient", self.recipient.addr_spec),
         ):
-            if has_control_chars(value):
-                raise ValueError(f"{field} must not contain control characters")
+            reason = unsafe_text(value)
+            if reason is not None:
+                raise ValueError(f"{field} {reason}")
         if not self.recipient.domain:
             raise ValueError("recipient must be a full address (user@domain)")
+        smtp_address(self.recipient.addr_spec)  # the domain must have an ASCII form
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +60,8 @@ class Enqueued:
 def _mail_params(
     mail: Mail, sender: Address, not_before: datetime | None
 ) -> tuple[str, tuple[object, ...]]:
-    message_id = make_msgid(domain=sender.domain)
+    # The Message-ID's domain is the sender's, as ASCII: the header must be ASCII.
+    message_id = make_msgid(domain=ascii_domain(sender.domain))
     recipient = mail.recipient
     return message_id, (
         message_id,

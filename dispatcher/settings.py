@@ -6,7 +6,8 @@ import sys
 from email.headerregistry import Address
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SmtpSecurity = Literal["none", "starttls", "tls"]
@@ -26,6 +27,12 @@ class Settings(BaseSettings):
     smtp_port: int | None = Field(default=None, ge=1, le=65535)
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
+    # Declared before smtp_security, whose check reads it (and smtp_username).
+    smtp_allow_insecure_auth: bool = Field(
+        default=False,
+        description="Allow AUTH over an unencrypted connection (SMTP_SECURITY=none), "
+        "for a local relay only.",
+    )
     smtp_security: SmtpSecurity = "none"
     smtp_timeout: float = Field(default=30.0, gt=0, le=600)
     smtp_ca_file: str | None = Field(
@@ -33,6 +40,14 @@ class Settings(BaseSettings):
     )
     mail_from: str = "Outbox <noreply@example.com>"
     admin_token: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Least severe log level written (any letter case)."
+    )
+    log_format: Literal["json", "console"] | None = Field(
+        default=None,
+        description="json (one object per line), or console (readable lines); "
+        "unset means console under `outbox dev`, json everywhere else.",
+    )
 
     # Dispatcher tuning (flags of `outbox dispatcher` override these).
     dispatcher_name: str | None = Field(default=None, min_length=1, max_length=100)
@@ -43,6 +58,7 @@ class Settings(BaseSettings):
     dispatcher_heartbeat_interval: float = Field(default=2.0, gt=0, le=60)
     dispatcher_max_attempts: int = Field(default=15, ge=1, le=1000)
     dispatcher_max_age: float = Field(default=3 * 86400, gt=0)
+    dispatcher_max_abandons: int = Field(default=5, ge=1, le=1000)
     dispatcher_retry_base: float = Field(default=5.0, gt=0)
     dispatcher_retry_cap: float = Field(default=1800.0, gt=0)
     dispatcher_grace: float = Field(default=20.0, ge=0, le=3600)
@@ -53,9 +69,31 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        from dispatcher.db import asyncpg_dsn
+        from dispatcher.startup import check_url
 
-        asyncpg_dsn(value)  # raises ValueError with a readable message
+        check_url(value)  # raises ValueError with a readable message
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("smtp_security")
+    @classmethod
+    def _check_auth_is_encrypted(cls, value: SmtpSecurity, info: ValidationInfo) -> SmtpSecurity:
+        # aiosmtplib logs in whenever a username is set: over "none" that is the password
+        # in the clear (AUTH PLAIN and LOGIN are base64), readable on every hop.
+        if (
+            value == "none"
+            and info.data.get("smtp_username") is not None
+            and not info.data.get("smtp_allow_insecure_auth", False)
+        ):
+            raise PydanticCustomError(
+                "insecure_auth",
+                "AUTH would send SMTP_PASSWORD in cleartext; use starttls or tls, "
+                "or set SMTP_ALLOW_INSECURE_AUTH=true for a local relay",
+            )
         return value
 
     @field_validator("mail_from")
@@ -111,7 +149,8 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for error in exc.errors():
             name = str(error["loc"][0]).upper() if error["loc"] else "settings"
-            lines.append(f"invalid setting {name}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix
+            lines.append(f"invalid setting {name}: {message}")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -60,6 +60,15 @@ async def set_status(db: asyncpg.Pool, outbox_id: int, status: str) -> None:
     await db.execute(f"UPDATE outbox SET {sql}, updated_at = now() WHERE id = $1", outbox_id)
 
 
+async def live_dispatcher(db: asyncpg.Pool, name: str = "worker-1") -> None:
+    """Register dispatcher ``name`` (the owner of rows set to ``sending``) as alive."""
+    await db.execute(
+        "INSERT INTO dispatchers (name, hostname, pid) VALUES ($1, 'host', 1) "
+        "ON CONFLICT (name) DO UPDATE SET last_beat_at = now()",
+        name,
+    )
+
+
 async def backdate(db: asyncpg.Pool, outbox_id: int, age: timedelta) -> None:
     """Shift every timestamp of the row (and its attempts) ``age`` into the past."""
     await db.execute(

@@ -13,7 +13,7 @@ from asgi_lifespan import LifespanManager
 from api.app import create_app
 from dispatcher import queries
 from dispatcher.settings import Settings
-from tests.audit_seed import add_attempt, add_mail, statuses
+from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 TOKEN = "s3cret-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -247,7 +247,7 @@ async def test_retry_a_failed_mail_makes_it_claimable(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "pending" and body["attempts"] == 3
-    claimed = await db.fetch(queries.CLAIM, 10, "api-test", 60.0, 10.0)
+    claimed = await db.fetch(queries.CLAIM, 10, "api-test", 60.0, 10.0, 5)
     assert [r["id"] for r in claimed] == [mail]
 
 
@@ -283,6 +283,7 @@ async def test_cancel_refuses_sending_and_sent(
     admin: httpx.AsyncClient, db: asyncpg.Pool, status: str
 ) -> None:
     mail = await add_mail(db, status=status)
+    await live_dispatcher(db)  # the sending row's dispatcher is alive
     response = await admin.post(f"/outbox/{mail}/cancel", headers=AUTH)
     assert response.status_code == 409, response.text
     assert response.json()["status"] == status
@@ -298,3 +299,51 @@ async def test_retry_and_cancel_of_a_missing_mail_is_404(
     assert response.json() == {"detail": "no mail with id 12345"}
     bad = await admin.post(f"/outbox/abc/{action}", headers=AUTH)
     assert bad.status_code == 422
+
+
+# --- one time grammar with the CLI; retry now ----------------------------------------------
+
+
+async def test_list_takes_ages_like_the_cli(admin: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    recent = await add_mail(db)
+    old = await add_mail(db, status="sent", age=timedelta(days=3))
+
+    async def ids(**params: str) -> list[int]:
+        response = await admin.get("/outbox", params=params, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert await ids(since="1h") == [recent]
+    assert await ids(since="2d") == [recent]
+    assert await ids(until="2d") == [old]
+    assert await ids(since="1w", until="1d") == [old]
+    assert await ids(since=" 7d ") == [old, recent]  # newest (highest id) first
+
+
+@pytest.mark.parametrize(
+    "since", ["1y", "h1", "99999999999999999d", "0001-01-01T00:00:00+01:00", "2026-13-01"]
+)
+async def test_list_rejects_times_outside_the_grammar(admin: httpx.AsyncClient, since: str) -> None:
+    response = await admin.get("/outbox", params={"since": since}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    error = response.json()["detail"][0]
+    assert error["loc"][-1] == "since"
+
+
+async def test_retry_now_makes_a_deferred_mail_due(
+    admin: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    mail = await add_mail(db)
+    await db.execute(
+        "UPDATE outbox SET next_attempt_at = now() + interval '1 hour' WHERE id = $1", mail
+    )
+    refused = await admin.post(f"/outbox/{mail}/retry", headers=AUTH)
+    assert refused.status_code == 409
+    assert refused.json()["detail"].endswith("(now=true makes it due at once)")
+
+    response = await admin.post(f"/outbox/{mail}/retry", params={"now": "true"}, headers=AUTH)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "pending"
+    due = datetime.fromisoformat(response.json()["next_attempt_at"])
+    assert due <= await db.fetchval("SELECT now()")

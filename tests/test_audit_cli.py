@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from cli.embedded_pg import free_port
 from cli.main import build_parser
 from dispatcher import queries
-from tests.audit_seed import add_attempt, add_mail, statuses
+from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 DAY = timedelta(days=1)
 
@@ -27,9 +30,15 @@ class Result:
     err: str
 
 
+#: A data folder without an `outbox dev` in it: a developer's running `outbox dev` (which
+#: the commands use when DATABASE_URL is unset) must not change what the tests see.
+NO_DEV = str(Path(tempfile.gettempdir()) / "outbox-tests-no-dev-here")
+
+
 async def outbox(*args: str, database_url: str | None) -> Result:
     """Run ``outbox ARGS`` (python -m cli.main) with DATABASE_URL, return code and output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SMTP_"))}
+    env["OUTBOX_DATA_DIR"] = NO_DEV
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     proc = await asyncio.create_subprocess_exec(
@@ -172,7 +181,7 @@ async def test_retry_ids(database_url: str, db: asyncpg.Pool) -> None:
     result = await outbox("retry", str(failed), database_url=database_url)
     assert result.code == 0, result.err
     assert result.out.strip() == f"retried: {failed}"
-    claimed = await db.fetch(queries.CLAIM, 10, "cli-test", 60.0, 10.0)
+    claimed = await db.fetch(queries.CLAIM, 10, "cli-test", 60.0, 10.0, 5)
     assert [r["id"] for r in claimed] == [failed]
 
     refused = await outbox("retry", str(sent), "777", database_url=database_url)
@@ -198,6 +207,7 @@ async def test_retry_all_failed_shows_progress(database_url: str, db: asyncpg.Po
 async def test_cancel(database_url: str, db: asyncpg.Pool) -> None:
     pending = await add_mail(db)
     sending = await add_mail(db, status="sending")
+    await live_dispatcher(db)  # its dispatcher is alive: the row cannot be recalled
 
     result = await outbox("cancel", str(pending), str(sending), database_url=database_url)
 
@@ -303,7 +313,7 @@ async def test_unmigrated_database_says_to_migrate(pg_server: object) -> None:
 
     assert isinstance(pg_server, PgServer)
     result = await outbox("status", database_url=pg_server.url("postgres"))
-    assert result.code == 1
+    assert result.code == 2  # a configuration problem, not an outage
     assert "run `outbox migrate`" in result.err
 
 
@@ -324,3 +334,100 @@ def test_every_command_is_registered() -> None:
         ["prune", "--older-than", "1d"],
     ):
         assert callable(parser.parse_args(command).handler)
+
+
+# --- retry --now, replies that are not errors, a closed pipe, misspellings -------------------
+
+
+async def _due_now(db: asyncpg.Pool, mail: int) -> bool:
+    due: bool = await db.fetchval(
+        "SELECT status = 'pending' AND next_attempt_at <= now() FROM outbox WHERE id = $1", mail
+    )
+    return due
+
+
+async def test_retry_now_makes_deferred_mail_due_at_once(
+    database_url: str, db: asyncpg.Pool
+) -> None:
+    deferred = await add_mail(db)
+    await db.execute(
+        "UPDATE outbox SET next_attempt_at = now() + interval '1 hour', attempts = 2 WHERE id = $1",
+        deferred,
+    )
+    failed = await add_mail(db, status="failed")
+    sent = await add_mail(db, status="sent")
+
+    plain = await outbox("retry", str(deferred), database_url=database_url)
+    assert plain.code == 1
+    assert plain.err.strip() == (
+        f"outbox retry: {deferred}: already pending: it is queued and will be sent "
+        "(--now makes it due at once)"
+    )
+    assert not await _due_now(db, deferred)
+
+    result = await outbox(
+        "retry", "--now", str(deferred), str(failed), str(sent), database_url=database_url
+    )
+    assert result.code == 1  # the sent one is refused
+    assert result.out.strip() == f"retried: {deferred} {failed}"
+    assert result.err.strip() == f"outbox retry: {sent}: already sent"
+    assert await _due_now(db, deferred) and await _due_now(db, failed)
+    assert await db.fetchval("SELECT attempts FROM outbox WHERE id = $1", deferred) == 2
+    assert (await statuses(db))[sent] == "sent"
+
+
+async def test_a_250_is_not_shown_as_an_error(database_url: str, db: asyncpg.Pool) -> None:
+    sent = await add_mail(db, status="sent")  # last_smtp_code 250, no error
+    failed = await add_mail(db, status="failed")
+
+    table = await outbox("list", database_url=database_url)
+    rows = {int(line.split()[0]): line for line in table.out.splitlines()[1:]}
+    assert "250" not in rows[sent]
+    assert rows[failed].endswith("550 550 5.1.1 no such user")
+
+    shown = await outbox("show", str(sent), database_url=database_url)
+    last_error = next(line for line in shown.out.splitlines() if "last error" in line)
+    assert last_error.split() == ["last", "error", "-"]
+
+
+async def test_a_closed_output_pipe_stops_quietly(database_url: str, db: asyncpg.Pool) -> None:
+    for _ in range(3):
+        await add_mail(db)
+    read, write = os.pipe()
+    os.close(read)  # like `outbox list | head -1` once head has its line
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "cli.main", "list", "--limit", "5"],
+            env={**os.environ, "DATABASE_URL": database_url, "OUTBOX_DATA_DIR": NO_DEV},
+            stdout=write,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr  # 128 + SIGPIPE, like other Unix tools
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "hint"),
+    [
+        (
+            ["dispatcher", "--concurency", "4"],
+            "usage: outbox dispatcher",
+            "did you mean --concurrency?",
+        ),
+        (["list", "--limt", "3"], "usage: outbox list", "did you mean --limit?"),
+        (["stauts"], "usage: outbox ", "did you mean 'status'?"),
+    ],
+)
+async def test_misspelt_flags_and_commands_get_the_right_usage_and_a_suggestion(
+    args: list[str], usage: str, hint: str
+) -> None:
+    result = await outbox(*args, database_url="postgresql://nobody@127.0.0.1:1/none")
+    assert result.code == 2
+    assert result.err.startswith(usage), result.err
+    assert hint in result.err.strip().splitlines()[-1], result.err

@@ -105,12 +105,12 @@ async def seed(db: asyncpg.Pool) -> Seeded:
 
     await db.execute(
         """
-        INSERT INTO users (email, name, created_at) VALUES
-            ('Ada@example.com', 'Ada', now() - interval '2 days'),
-            ('bob@example.com', 'Bob', now() - interval '1 day'),
-            ('carol@example.com', 'Carol', now()),
-            ('orphan@example.com', 'Orphan', now() - interval '1 hour'),
-            ('ancient@example.com', 'Ancient', now() - interval '60 days')
+        INSERT INTO users (email, email_key, name, created_at) VALUES
+            ('Ada@example.com', 'ada@example.com', 'Ada', now() - interval '2 days'),
+            ('bob@example.com', 'bob@example.com', 'Bob', now() - interval '1 day'),
+            ('carol@example.com', 'carol@example.com', 'Carol', now()),
+            ('orphan@example.com', 'orphan@example.com', 'Orphan', now() - interval '1 hour'),
+            ('ancient@example.com', 'ancient@example.com', 'Ancient', now() - interval '60 days')
         """
     )
     await db.execute(

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import httpx
 
-from cli.embedded_pg import free_port
+from cli.embedded_pg import EmbeddedPostgres, free_port
 from tests.dispatching import ROOT
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
@@ -224,3 +224,64 @@ def test_outbox_dev_end_to_end(tmp_path: Path) -> None:
         _ctrl_c(process, log)
     _assert_no_orphans(data)
     assert sorted(os.listdir(cwd)) == ["data"]
+
+
+def _outbox_dev(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [OUTBOX, "dev", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_outbox_dev_guards_its_data_and_its_port(tmp_path: Path) -> None:
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    data = cwd / "data"
+    log = tmp_path / "dev.log"
+    port = free_port()
+    # A PostgreSQL that `outbox dev` did not start: it uses it, and never stops it.
+    pg = EmbeddedPostgres(data / "postgres")
+    pg.start()
+    try:
+        with (
+            _dev(cwd, data, port, log) as first,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+        ):
+            _poll("the banner", lambda: "outbox dev is running" in log.read_text() or None, 90)
+            # The banner comes once the API listens: it answers at once, no retry needed.
+            assert http.get("/healthz").status_code == 200
+            text = log.read_text()
+            assert text.index("Uvicorn running on") < text.index("outbox dev is running")
+            # Readable console logs, not JSON, under `outbox dev`.
+            started = next(line for line in text.splitlines() if "dispatcher.started" in line)
+            assert not started.startswith("{") and " INFO " in started
+
+            # A second instance on the same data: one line, status 2, the first untouched.
+            second = _outbox_dev("--port", str(free_port()), "--data-dir", str(data), cwd=cwd)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.strip().splitlines() == [
+                f"outbox dev: already running at http://127.0.0.1:{port}, pid {first.pid} "
+                f"(data in {data}); stop it first, or use another --data-dir"
+            ]
+            assert first.poll() is None and pg.running()
+            assert http.get("/readyz").status_code == 200
+
+            # The port taken: named with the flag that changes it, before anything starts.
+            other = tmp_path / "other"
+            taken = _outbox_dev("--port", str(port), "--data-dir", str(other), cwd=cwd)
+            assert taken.returncode == 2, taken.stderr
+            [line] = taken.stderr.strip().splitlines()
+            assert line.startswith(f"outbox dev: port {port} on 127.0.0.1 is already in use")
+            assert "choose another with --port" in line
+            assert not (other / "postgres").exists()
+            assert "Traceback" not in second.stderr + taken.stderr
+
+            _ctrl_c(first, log)
+        assert pg.running(), "outbox dev stopped a PostgreSQL it did not start"
+    finally:
+        pg.stop()

@@ -8,11 +8,20 @@ from email.headerregistry import Address
 import asyncpg
 import pytest
 
+from dispatcher.addresses import email_key
 from dispatcher.outbox import Mail, enqueue, enqueue_with
 from dispatcher.queries import NOTIFY_CHANNEL
 
 SENDER = Address("Outbox", "noreply", "example.org")
-INSERT_USER = "INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id, created_at"
+INSERT_USER = (
+    "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3) RETURNING id, created_at"
+)
+ADD_USER = "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3)"
+
+
+def _user(email: str, name: str) -> tuple[str, str, str]:
+    """INSERT_USER's arguments: the address, its mailbox key and the name."""
+    return email, email_key(email), name
 
 
 def _mail(addr: str = "ada@example.org", name: str = "Ada") -> Mail:
@@ -34,7 +43,7 @@ async def _counts(conn: asyncpg.Connection) -> tuple[int, int]:
 async def test_enqueue_with_writes_both_rows_in_one_statement(db: asyncpg.Pool) -> None:
     async with db.acquire() as conn:
         written = await enqueue_with(
-            conn, INSERT_USER, ("ada@example.org", "Ada"), _mail(), sender=SENDER
+            conn, INSERT_USER, _user("ada@example.org", "Ada"), _mail(), sender=SENDER
         )
         assert written is not None
         user, queued = written
@@ -55,39 +64,48 @@ async def test_enqueue_with_writes_both_rows_in_one_statement(db: asyncpg.Pool) 
 
 
 async def test_enqueue_with_a_failing_write_stores_nothing(db: asyncpg.Pool) -> None:
-    await db.execute("INSERT INTO users (email, name) VALUES ('ada@example.org', 'Ada')")
+    await db.execute(ADD_USER, *_user("ada@example.org", "Ada"))
     async with db.acquire() as conn:
         with pytest.raises(asyncpg.UniqueViolationError) as caught:
             await enqueue_with(
-                conn, INSERT_USER, ("ADA@example.org", "Ada"), _mail(), sender=SENDER
+                conn, INSERT_USER, _user("ADA@example.org", "Ada"), _mail(), sender=SENDER
             )
-        assert caught.value.constraint_name == "users_email_lower_key"
+        assert caught.value.constraint_name == "users_email_key_key"
         assert await _counts(conn) == (1, 0)
 
 
 async def test_enqueue_with_a_write_that_stores_nothing_queues_nothing(
     db: asyncpg.Pool,
 ) -> None:
-    await db.execute("INSERT INTO users (email, name) VALUES ('ada@example.org', 'Ada')")
+    await db.execute(ADD_USER, *_user("ada@example.org", "Ada"))
     upsert = (
-        "INSERT INTO users (email, name) VALUES ($1, $2) "
-        "ON CONFLICT ((lower(email))) DO NOTHING RETURNING id"
+        "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3) "
+        "ON CONFLICT (email_key) DO NOTHING RETURNING id"
     )
     async with db.acquire() as conn:
         assert (
-            await enqueue_with(conn, upsert, ("ada@example.org", "A"), _mail(), sender=SENDER)
+            await enqueue_with(conn, upsert, _user("ÄDA@example.org", "A"), _mail(), sender=SENDER)
+            is not None
+        )
+        assert (
+            await enqueue_with(conn, upsert, _user("Ada@example.org", "A"), _mail(), sender=SENDER)
             is None
         )
-        assert await _counts(conn) == (1, 0)
-        written = await enqueue_with(conn, upsert, ("bob@example.org", "B"), _mail(), sender=SENDER)
-        assert written is not None
         assert await _counts(conn) == (2, 1)
+        written = await enqueue_with(
+            conn, upsert, _user("bob@example.org", "B"), _mail(), sender=SENDER
+        )
+        assert written is not None
+        assert await _counts(conn) == (3, 2)
 
 
 async def test_enqueue_with_a_multi_row_write_fails_and_stores_nothing(
     db: asyncpg.Pool,
 ) -> None:
-    two_rows = "INSERT INTO users (email, name) VALUES ($1, 'A'), ($2, 'B') RETURNING id"
+    two_rows = (
+        "INSERT INTO users (email, email_key, name) VALUES ($1, $1, 'A'), ($2, $2, 'B') "
+        "RETURNING id"
+    )
     async with db.acquire() as conn:
         with pytest.raises(asyncpg.UniqueViolationError):  # one Message-ID, two mails
             await enqueue_with(
@@ -100,7 +118,7 @@ async def test_enqueue_with_joins_the_callers_transaction(db: asyncpg.Pool) -> N
     async with db.acquire() as conn:
         transaction = conn.transaction()
         await transaction.start()
-        await enqueue_with(conn, INSERT_USER, ("ada@example.org", "A"), _mail(), sender=SENDER)
+        await enqueue_with(conn, INSERT_USER, _user("ada@example.org", "A"), _mail(), sender=SENDER)
         await enqueue(conn, _mail("extra@example.org"), sender=SENDER)
         assert await _counts(conn) == (1, 2)
         await transaction.rollback()
@@ -115,7 +133,7 @@ async def test_enqueue_notifies_only_at_commit(db: asyncpg.Pool, database_url: s
         async with db.acquire() as conn:
             async with conn.transaction():
                 await enqueue_with(
-                    conn, INSERT_USER, ("ada@example.org", "A"), _mail(), sender=SENDER
+                    conn, INSERT_USER, _user("ada@example.org", "A"), _mail(), sender=SENDER
                 )
                 await asyncio.sleep(0.2)
                 assert received.empty()  # not before the commit
@@ -126,7 +144,9 @@ async def test_enqueue_notifies_only_at_commit(db: asyncpg.Pool, database_url: s
             await enqueue(conn, _mail("bob@example.org"), sender=SENDER)
             await transaction.rollback()
             # Autocommit: the statement is its own transaction.
-            await enqueue_with(conn, INSERT_USER, ("cy@example.org", "C"), _mail(), sender=SENDER)
+            await enqueue_with(
+                conn, INSERT_USER, _user("cy@example.org", "C"), _mail(), sender=SENDER
+            )
             await asyncio.wait_for(received.get(), timeout=5)
             assert received.empty()
     finally:

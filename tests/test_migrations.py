@@ -14,6 +14,7 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from cli import migrate
+from dispatcher.addresses import email_key
 from dispatcher.db import asyncpg_dsn
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -105,7 +106,8 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_database(empty_database_url:
     first = await _schema(url)
     assert first["tables"] >= TABLES
     assert first["version"] == {_head()}
-    assert {"users_email_lower_key", "outbox_claim_idx"} <= first["indexes"]
+    assert {"users_email_key_key", "outbox_claim_idx"} <= first["indexes"]
+    assert "users_email_lower_key" not in first["indexes"]
 
     await asyncio.to_thread(migrate.downgrade, url, "base")
     gone = await _schema(url)
@@ -168,24 +170,115 @@ async def test_claim_index_is_partial_on_live_statuses(conn: asyncpg.Connection)
         assert status not in row["predicate"]
 
 
-async def test_email_is_unique_case_insensitively_in_the_database(
-    conn: asyncpg.Connection,
-) -> None:
-    await conn.execute("INSERT INTO users (email, name) VALUES ('Ada@Example.org', 'Ada')")
+ADD_USER = "INSERT INTO users (email, email_key, name) VALUES ($1, $2, $3) RETURNING id"
+
+
+async def test_one_user_per_mailbox_key_in_the_database(conn: asyncpg.Connection) -> None:
+    await conn.execute(ADD_USER, "Ada@Example.org", email_key("Ada@Example.org"), "Ada")
     for duplicate in ("ada@example.org", "ADA@EXAMPLE.ORG", "Ada@Example.org"):
-        with pytest.raises(asyncpg.UniqueViolationError):
-            await conn.execute("INSERT INTO users (email, name) VALUES ($1, 'x')", duplicate)
-    await conn.execute("INSERT INTO users (email, name) VALUES ('ada2@example.org', 'Ada')")
+        with pytest.raises(asyncpg.UniqueViolationError) as caught:
+            await conn.execute(ADD_USER, duplicate, email_key(duplicate), "x")
+        assert caught.value.constraint_name == "users_email_key_key"
+    await conn.execute(ADD_USER, "ada2@example.org", email_key("ada2@example.org"), "Ada")
+    # The key is required: a row written around the application cannot skip it.
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await conn.execute("INSERT INTO users (email, name) VALUES ('cy@example.org', 'Cy')")
     assert await conn.fetchval("SELECT count(*) FROM users") == 2
 
 
 async def test_user_columns_are_capped(conn: asyncpg.Connection) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
-        await conn.execute(
-            "INSERT INTO users (email, name) VALUES ('a@example.org', $1)", "x" * 201
-        )
+        await conn.execute(ADD_USER, "a@example.org", "a@example.org", "x" * 201)
     with pytest.raises(asyncpg.CheckViolationError):
-        await conn.execute("INSERT INTO users (email, name) VALUES ($1, 'A')", "a" * 321)
+        await conn.execute(ADD_USER, "a" * 321, "a" * 321, "A")
+
+
+async def _users_at_0002(url: str, emails: list[str]) -> list[int]:
+    """Migrate to 0002 (before email_key) and add users as that schema took them."""
+    await asyncio.to_thread(migrate.upgrade, url, "0002")
+    old = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return [
+            await old.fetchval(
+                "INSERT INTO users (email, name) VALUES ($1, 'Old') RETURNING id", email
+            )
+            for email in emails
+        ]
+    finally:
+        await old.close()
+
+
+async def test_0003_keys_existing_users(empty_database_url: str) -> None:
+    url = empty_database_url
+    emails = ["Ada@Example.org", "bob@bücher.de", "ΣΣ@example.org", "not-an-address"]
+    ids = await _users_at_0002(url, emails)
+    await asyncio.to_thread(migrate.upgrade, url)
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await conn.fetch("SELECT id, email, email_key FROM users ORDER BY id")
+        assert [(r["id"], r["email"]) for r in rows] == list(zip(ids, emails, strict=True))
+        assert [r["email_key"] for r in rows] == [
+            "ada@example.org",
+            "bob@xn--bcher-kva.de",
+            "\u03c3\u03c3@example.org",  # two small sigmas
+            "not-an-address",  # stored before addresses were checked: kept reachable
+        ]
+        # From now on the key decides: another spelling of an existing mailbox is refused.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(ADD_USER, "bob@xn--bcher-kva.de", "bob@xn--bcher-kva.de", "B")
+    finally:
+        await conn.close()
+
+
+async def test_0003_stops_on_two_users_with_one_mailbox_naming_both(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    # Different for lower(email) in any collation, one mailbox for email_key.
+    first, _, second = await _users_at_0002(
+        url, ["bob@bücher.de", "carol@example.org", "BOB@xn--bcher-kva.de"]
+    )
+    with pytest.raises(RuntimeError) as caught:
+        await asyncio.to_thread(migrate.upgrade, url)
+    message = str(caught.value)
+    assert f"users {first} and {second} have the same mailbox" in message
+    assert "bob@xn--bcher-kva.de" in message
+    # Nothing of 0003 stayed: the schema is still at 0002, its index in place.
+    schema = await _schema(url)
+    assert schema["version"] == {"0002"}
+    assert "users_email_lower_key" in schema["indexes"]
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'users'"
+        )
+        assert "email_key" not in {c["column_name"] for c in columns}
+    finally:
+        await conn.close()
+
+    # `outbox migrate` says so in one line, without a traceback, and exits 1.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(Path(sys.executable).with_name("outbox")), "migrate"],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"users {first} and {second} have the same mailbox" in line
+    assert "merge or delete one of them" in line
+
+    # Once one of them is gone, the migration goes through.
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute("DELETE FROM users WHERE id = $1", second)
+    finally:
+        await conn.close()
+    await asyncio.to_thread(migrate.upgrade, url)
+    assert (await _schema(url))["version"] == {_head()}
 
 
 _MAIL = """

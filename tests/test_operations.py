@@ -12,7 +12,14 @@ import pytest
 from dispatcher import operations as ops
 from dispatcher import queries
 from dispatcher.db import Connection
-from tests.audit_seed import add_attempt, add_mail, backdate, set_status, statuses
+from tests.audit_seed import (
+    add_attempt,
+    add_mail,
+    backdate,
+    live_dispatcher,
+    set_status,
+    statuses,
+)
 
 DAY = timedelta(days=1)
 
@@ -26,7 +33,7 @@ async def conn(db: asyncpg.Pool) -> AsyncIterator[Connection]:
 
 async def claim(db: asyncpg.Pool, limit: int = 10) -> list[int]:
     """Claim due rows with the dispatcher's real claim statement."""
-    rows = await db.fetch(queries.CLAIM, limit, "test-dispatcher", 60.0, 10.0)
+    rows = await db.fetch(queries.CLAIM, limit, "test-dispatcher", 60.0, 10.0, 5)
     return sorted(r["id"] for r in rows)
 
 
@@ -72,7 +79,12 @@ async def test_status_summary_counts_ages_dispatchers_and_failures(
     assert 299 <= summary.queue.oldest_due_pending_seconds < 400
     assert summary.queue.live_dispatchers == 1
     assert [(d.name, d.live) for d in summary.dispatchers] == [("alive", True), ("dead", False)]
-    assert summary.failures_last_hour == {"failed": 1, "deferred": 1, "abandoned": 0}
+    assert summary.failures_last_hour == {
+        "failed": 1,
+        "deferred": 1,
+        "unknown": 0,
+        "abandoned": 0,
+    }
 
 
 async def test_status_of_an_empty_outbox(db: asyncpg.Pool, conn: Connection) -> None:
@@ -273,10 +285,15 @@ async def test_retry_all_failed_in_chunks(db: asyncpg.Pool, conn: Connection) ->
 # --- cancel ---------------------------------------------------------------------------------
 
 
+async def _live_dispatcher(db: asyncpg.Pool, name: str = "worker-1") -> None:
+    await db.execute("INSERT INTO dispatchers (name, hostname, pid) VALUES ($1, 'host', 1)", name)
+
+
 async def test_cancel_pending_and_failed_only(db: asyncpg.Pool, conn: Connection) -> None:
     pending = await add_mail(db)
     failed = await add_mail(db, status="failed")
     sending = await add_mail(db, status="sending")
+    await live_dispatcher(db)  # its owner, worker-1, is alive
     sent = await add_mail(db, status="sent")
 
     result = await ops.cancel(conn, [pending, failed, sending, sent])
@@ -295,11 +312,40 @@ async def test_cancel_pending_and_failed_only(db: asyncpg.Pool, conn: Connection
     assert pending not in await claim(db)
 
 
+@pytest.mark.parametrize("gone", ["no heartbeat", "lease expired"])
+async def test_cancel_takes_a_sending_row_whose_dispatcher_is_gone(
+    db: asyncpg.Pool, conn: Connection, gone: str
+) -> None:
+    # A row that took its dispatcher down stays 'sending': the operator can stop it.
+    sending = await add_mail(db, status="sending")
+    await live_dispatcher(db)
+    if gone == "no heartbeat":
+        await db.execute("UPDATE dispatchers SET last_beat_at = now() - interval '1 minute'")
+    else:
+        await db.execute(
+            "UPDATE outbox SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            sending,
+        )
+    token = await db.fetchval("SELECT lease_token FROM outbox WHERE id = $1", sending)
+
+    result = await ops.cancel(conn, [sending])
+
+    assert result.changed == (sending,)
+    row = await db.fetchrow("SELECT status, lease_token, lease_owner FROM outbox")
+    assert tuple(row.values()) == ("cancelled", None, None)
+    [attempt] = await db.fetch("SELECT outcome, dispatcher, error FROM outbox_attempts")
+    assert (attempt["outcome"], attempt["dispatcher"]) == ("abandoned", "worker-1")
+    # The old owner, should it come back, changes nothing (its token is void).
+    assert await db.fetch(queries.RELEASE, [sending], [token]) == []
+    assert await statuses(db) == {sending: "cancelled"}
+
+
 async def test_cancel_cannot_race_a_claim(db: asyncpg.Pool, conn: Connection) -> None:
     """A claim that commits first wins: the cancel's guard no longer matches."""
     mail = await add_mail(db)
+    await live_dispatcher(db, "racer")
     async with db.acquire() as dispatcher, dispatcher.transaction():
-        claimed = await dispatcher.fetch(queries.CLAIM, 10, "racer", 60.0, 10.0)
+        claimed = await dispatcher.fetch(queries.CLAIM, 10, "racer", 60.0, 10.0, 5)
         assert [r["id"] for r in claimed] == [mail]
         # The operator's cancel waits for the claim's row lock, then re-checks its guard.
         cancelling = asyncio.create_task(ops.cancel(conn, [mail]))

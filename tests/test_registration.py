@@ -19,6 +19,7 @@ from asgi_lifespan import LifespanManager
 from api.app import create_app
 from cli import migrate
 from cli.embedded_pg import EmbeddedPostgres, free_port
+from dispatcher.addresses import email_key
 from dispatcher.settings import Settings
 
 MAIL_FROM = "Outbox <hello@example.org>"
@@ -143,6 +144,57 @@ async def test_unicode_names_and_addresses_are_accepted(
         assert html.escape(name) in html_body
 
 
+UNSAFE_NAMES = [
+    ("Ada\u2028Bcc: x@evil.com", "line separators (U+2028)"),
+    ("Ada\u2029Lovelace", "paragraph separators (U+2029)"),
+    ("Ada \u202egnp.exe", "bidirectional control characters (U+202E)"),
+    ("Ada\x00Lovelace", "control characters (CR, LF, tab, NUL, ...) (U+0000)"),
+    ("Ada\r\nBcc: x@evil.com", "control characters (CR, LF, tab, NUL, ...) (U+000D)"),
+]
+
+
+@pytest.mark.parametrize(("name", "reason"), UNSAFE_NAMES)
+async def test_names_that_are_not_plain_text_are_422_saying_why(
+    client: httpx.AsyncClient, db: asyncpg.Pool, name: str, reason: str
+) -> None:
+    response = await client.post("/register", json={"email": "ada@example.com", "name": name})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "name"]
+    assert reason in error["msg"], error["msg"]
+    assert name not in response.text  # the input is not echoed
+    assert await _counts(db) == (0, 0)
+
+
+LITERAL_NAMES = [
+    "=?utf-8?q?Eve=0D=0ABcc:_x@evil.example?=",
+    "=?utf-8?b?eEBldmlsLmV4YW1wbGUsIA==?=",
+    "Ada =?iso-8859-1?q?Lovelace?= <ceo@evil.example>",
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with the ZWNJ it needs
+    "\u0915\u094d\u200d\u0937",  # ZWJ in Devanagari
+    "👩\u200d👩\u200d👧",  # a ZWJ emoji sequence
+]
+
+
+@pytest.mark.parametrize("name", LITERAL_NAMES)
+async def test_names_are_stored_literally_even_when_they_look_encoded(
+    client: httpx.AsyncClient, db: asyncpg.Pool, name: str
+) -> None:
+    response = await client.post("/register", json={"email": "eve@example.com", "name": name})
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == name
+    user = await db.fetchrow("SELECT name FROM users WHERE id = $1", response.json()["id"])
+    mail = await db.fetchrow(
+        "SELECT recipient, recipient_name, subject, body_text FROM outbox WHERE id = $1",
+        response.json()["outbox_id"],
+    )
+    assert user is not None and mail is not None
+    assert user["name"] == mail["recipient_name"] == name
+    assert mail["recipient"] == "eve@example.com"
+    assert mail["subject"] == f"Welcome to Outbox, {name}!"
+    assert f"Hello {name}," in mail["body_text"]
+
+
 async def test_duplicate_email_in_other_letter_case_is_409(
     client: httpx.AsyncClient, db: asyncpg.Pool
 ) -> None:
@@ -152,6 +204,54 @@ async def test_duplicate_email_in_other_letter_case_is_409(
     assert again.status_code == 409, again.text
     assert "already exists" in again.json()["detail"]
     assert await _counts(db) == (1, 1)
+
+
+SAME_MAILBOX = [
+    # (first, second, what EmailStr stores for the first)
+    ("äda@example.com", "ÄDA@example.com", "äda@example.com"),
+    ("a\u0308da@example.com", "ÄDA@EXAMPLE.COM", "äda@example.com"),  # NFD vs NFC
+    ("σς@example.com", "ΣΣ@example.com", "σς@example.com"),
+    ("straße@example.com", "STRASSE@example.com", "straße@example.com"),
+    ("bob@bücher.de", "bob@xn--bcher-kva.de", "bob@bücher.de"),
+    ("bob@xn--bcher-kva.de", "BOB@BÜCHER.DE", "bob@bücher.de"),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "stored"), SAME_MAILBOX)
+async def test_one_mailbox_in_any_unicode_or_idn_spelling_is_409(
+    client: httpx.AsyncClient, db: asyncpg.Pool, first: str, second: str, stored: str
+) -> None:
+    created = await client.post("/register", json={"email": first, "name": "First"})
+    assert created.status_code == 201, created.text
+    assert created.json()["email"] == stored
+    user = await db.fetchrow("SELECT email, email_key FROM users")
+    assert user is not None
+    assert user["email"] == stored
+    assert user["email_key"] == email_key(stored)
+    assert await db.fetchval("SELECT recipient FROM outbox") == stored
+
+    again = await client.post("/register", json={"email": second, "name": "Second"})
+    assert again.status_code == 409, again.text
+    assert "already exists" in again.json()["detail"]
+    assert await _counts(db) == (1, 1)
+
+
+async def test_similar_but_different_mailboxes_are_separate_users(
+    client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    emails = [
+        "ada@example.com",
+        "äda@example.com",
+        "ada@exämple.com",
+        "\u0131da@example.com",  # a dotless i is its own letter
+        "ada@example.co",
+    ]
+    for email in emails:
+        response = await client.post("/register", json={"email": email, "name": "Ada"})
+        assert response.status_code == 201, (email, response.text)
+    keys = [r["email_key"] for r in await db.fetch("SELECT email_key FROM users ORDER BY id")]
+    assert len(set(keys)) == len(emails)
+    assert await _counts(db) == (len(emails), len(emails))
 
 
 def _case_variants(local: str, count: int) -> list[str]:
@@ -250,6 +350,10 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("C1 NEL in name", {"email": "a@example.com", "name": "Ada\u0085Lovelace"}),
     ("C1 CSI in name", {"email": "a@example.com", "name": "Ada\u009b31m"}),
     ("escape in name", {"email": "a@example.com", "name": "Ada\x1b[31m"}),
+    ("line separator in name", {"email": "a@example.com", "name": "Ada\u2028Bcc: x@evil.com"}),
+    ("paragraph separator in name", {"email": "a@example.com", "name": "Ada\u2029Lovelace"}),
+    ("bidi override in name", {"email": "a@example.com", "name": "Ada \u202egnp.exe"}),
+    ("bidi isolate in name", {"email": "a@example.com", "name": "Ada \u2066x\u2069"}),
     ("unknown field", {"email": "a@example.com", "name": "Ada", "is_admin": True}),
     ("email is a number", {"email": 5, "name": "Ada"}),
     ("email is a bool", {"email": True, "name": "Ada"}),

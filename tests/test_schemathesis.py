@@ -6,12 +6,23 @@ whatever Authorization header was generated) and with the valid admin Bearer tok
 No answer may be a 5xx, every answer must match the schema (documented status code,
 content type, headers and body), and no admin endpoint may ignore its authentication.
 About 10 seconds with the default 100 examples per operation (SCHEMATHESIS_EXAMPLES).
+
+Two runs, each with its seed printed at the start of the module:
+
+* the main run uses a fixed seed when CI=true, so CI is reproducible (and a random one
+  elsewhere); ``SCHEMATHESIS_SEED=<seed>`` repeats any run;
+* a bounded random run (SCHEMATHESIS_RANDOM_EXAMPLES per operation, default 20) keeps
+  exploring on every run; ``SCHEMATHESIS_RANDOM_SEED=<seed>`` repeats it.
+
+Whatever either run finds is fixed and becomes a plain regression test elsewhere
+(test_admin_api.py, test_registration.py), so it stays covered whatever the seed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -23,7 +34,7 @@ import asyncpg
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, seed, settings
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -50,6 +61,36 @@ CHECKS = [
     ignored_auth,  # the admin endpoints refuse requests without the token, or a wrong one
 ]
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "100"))
+RANDOM_EXAMPLES = int(os.environ.get("SCHEMATHESIS_RANDOM_EXAMPLES", "20"))
+#: The main run's seed under CI=true.
+FIXED_SEED = 20261124
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _seed(variable: str, fixed: int | None) -> int:
+    if os.environ.get(variable):
+        return int(os.environ[variable])
+    return fixed if fixed is not None else random.randrange(2**32)
+
+
+SEED = _seed("SCHEMATHESIS_SEED", FIXED_SEED if CI else None)
+RANDOM_SEED = _seed("SCHEMATHESIS_RANDOM_SEED", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_seeds(request: pytest.FixtureRequest) -> None:
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    kind = "fixed, CI=true" if CI and "SCHEMATHESIS_SEED" not in os.environ else "random"
+    message = (
+        f"schemathesis: main run seed {SEED} ({kind}; SCHEMATHESIS_SEED={SEED} repeats it), "
+        f"random run seed {RANDOM_SEED} (SCHEMATHESIS_RANDOM_SEED={RANDOM_SEED})"
+    )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(message)
+        return
+    with capture.global_and_fixture_disabled():  # straight to the terminal, even under -q
+        reporter.write_line(message)
 
 
 async def _seed(database_url: str) -> None:
@@ -135,8 +176,21 @@ def test_the_process_serves_the_schema_under_test(api_url: str) -> None:
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
+@seed(SEED)
 def test_no_server_error_and_every_answer_matches_the_schema(
     case: schemathesis.Case, api_url: str
 ) -> None:
+    case.call_and_validate(base_url=api_url, checks=CHECKS)
+    case.call_and_validate(base_url=api_url, headers=AUTH, checks=CHECKS)
+
+
+@schema.parametrize()
+@settings(
+    max_examples=RANDOM_EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@seed(RANDOM_SEED)
+def test_a_bounded_random_run(case: schemathesis.Case, api_url: str) -> None:
     case.call_and_validate(base_url=api_url, checks=CHECKS)
     case.call_and_validate(base_url=api_url, headers=AUTH, checks=CHECKS)

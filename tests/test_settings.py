@@ -14,8 +14,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
 from dispatcher.db import asyncpg_dsn
+from dispatcher.settings import Settings
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 PROJECT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,7 @@ SETTINGS = (
     "SMTP_PASSWORD",
     "SMTP_SECURITY",
     "SMTP_TIMEOUT",
+    "SMTP_ALLOW_INSECURE_AUTH",
     "MAIL_FROM",
     "ADMIN_TOKEN",
 )
@@ -197,7 +200,7 @@ async def test_migrate_against_a_down_database_fails_cleanly(tmp_path: Path) -> 
     )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "cannot migrate the database at postgresql://postgres:***@127.0.0.1:9/x" in done.stderr
+    assert "cannot reach the database at postgresql://postgres:***@127.0.0.1:9/x" in done.stderr
     assert "sekrit" not in done.stderr + done.stdout
     assert "refused" in done.stderr.lower()
 
@@ -207,6 +210,57 @@ async def test_migrate_into_a_missing_database_fails_cleanly(
 ) -> None:
     url = empty_database_url.rsplit("/", 1)[0] + "/no_such_database"
     done = await asyncio.to_thread(_outbox, "migrate", cwd=tmp_path, DATABASE_URL=url)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr  # a configuration problem, not an outage
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert 'database "no_such_database" does not exist' in done.stderr
+
+
+AUTH_CASES = [
+    # (username, security, allow insecure AUTH, refused)
+    ("mailer", "none", False, True),
+    ("mailer", "none", True, False),
+    ("mailer", "starttls", False, False),
+    ("mailer", "tls", False, False),
+    (None, "none", False, False),  # no username, no AUTH: nothing changes
+]
+
+
+@pytest.mark.parametrize(("username", "security", "allowed", "refused"), AUTH_CASES)
+def test_auth_over_cleartext_needs_the_explicit_setting(
+    username: str | None, security: str, allowed: bool, refused: bool
+) -> None:
+    values = {
+        "smtp_username": username,
+        "smtp_password": "s3cret-password",
+        "smtp_security": security,
+        "smtp_allow_insecure_auth": allowed,
+    }
+    if not refused:
+        settings = Settings(**values)  # type: ignore[arg-type]
+        assert settings.smtp_security == security
+        return
+    with pytest.raises(ValidationError) as caught:
+        Settings(**values)  # type: ignore[arg-type]
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("smtp_security",)
+    assert error["msg"] == (
+        "AUTH would send SMTP_PASSWORD in cleartext; use starttls or tls, "
+        "or set SMTP_ALLOW_INSECURE_AUTH=true for a local relay"
+    )
+    assert "s3cret" not in str(caught.value)
+
+
+def test_auth_over_cleartext_stops_the_api_too(tmp_path: Path) -> None:
+    done = _outbox(
+        "api",
+        cwd=tmp_path,
+        DATABASE_URL="postgresql://postgres@127.0.0.1:9/outbox",
+        SMTP_USERNAME="mailer",
+        SMTP_PASSWORD="hunter2-very-secret",
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "invalid setting SMTP_SECURITY: AUTH would send SMTP_PASSWORD in cleartext; "
+        "use starttls or tls, or set SMTP_ALLOW_INSECURE_AUTH=true for a local relay"
+    ]
+    assert "hunter2" not in done.stderr + done.stdout
