@@ -6,8 +6,8 @@ setting a header there *parses* the value, and the parser decodes RFC 2047 encod
 structure (a ``Bcc:`` line, a second recipient, a new body). Here every text field is
 written so that a reader decodes it back to exactly the stored text:
 
-* a subject or display name that is plain printable ASCII (single spaces, no ``=?``) is
-  written as it is (the name as a quoted string);
+* a subject that is plain printable ASCII (single spaces, no ``=?``) is written as it is,
+  and so is a display name of printable ASCII (as a quoted string unless it is atoms);
 * anything else is written entirely as base64 encoded-words of whole characters, which
   carry any Unicode text and no syntax at all;
 * addresses are never decoded from anything: the envelope and the header get the same
@@ -17,8 +17,12 @@ written so that a reader decodes it back to exactly the stored text:
 The body parts have a fixed shape (UTF-8 text, quoted-printable), encoded directly with
 :func:`binascii.b2a_qp`. Quoted-printable keeps the body 7-bit and line-length safe for
 any content, and ``=`` is always encoded in it, so the boundary (which starts with
-``=_``) can never occur inside a part. The property tests in tests/test_message.py parse
-what this writes with the email package and check it says exactly what the row says.
+``=_``) can never occur inside a part. Line breaks in a body become CRLF, a lone CR
+included: a bare CR never reaches the wire (some servers take ``CR . CR LF`` as the end of
+data). The property tests in tests/test_message.py parse what this writes with the email
+package and check it says exactly what the row says. (One allowance: Python's parser
+reads the fold between two encoded-words of a display name as a space, against RFC 2047
+6.2; the tests decode those names by the RFC.)
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ __all__ = ["Rendered", "build_message", "sender_address"]
 #: A line of printable ASCII words separated by single spaces, with no encoded-word
 #: opener: the only text written into a header as it is.
 _PLAIN = re.compile(r"(?!.*=\?)[!-~]+(?: [!-~]+)*")
+#: A display name of printable ASCII, written as a quoted string (spaces kept as they are).
+_QUOTABLE = re.compile(r"(?!.*=\?)[ -~]{1,200}")
 #: A display name that is a phrase of atoms (RFC 5322 atext words), safe unquoted.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*")
 #: A dot-atom local part (RFC 5322 atext, and UTF-8 for RFC 6532), safe unquoted.
@@ -51,8 +57,6 @@ _DOT_ATOM = re.compile(
 _EW_BYTES = 42
 #: Longest text written as it is; longer text is encoded (and so folded anywhere).
 _PLAIN_MAX = 200
-#: Lines starting with a dot are doubled in DATA (RFC 5321 4.5.2).
-_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,10 @@ class Rendered:
 
     def data(self) -> bytes:
         """The DATA payload: dot-stuffed, ending with CRLF (the final dot is not included)."""
-        data = _LEADING_DOT.sub(b"..", self.as_bytes())
+        # Every line starting with a dot gets another one (RFC 5321 4.5.2).
+        data = self.as_bytes().replace(b"\n.", b"\n..")
+        if data.startswith(b"."):
+            data = b"." + data
         return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
@@ -89,13 +96,13 @@ def build_message(row: Any) -> Rendered:
     ValueError for a row no server could be sent (a malformed address, a header field
     with a line break).
     """
-    sender_name, sender = _sender(row["sender"])
+    _, sender = _sender(row["sender"])
     recipient = smtp_address(row["recipient"])
     message_id = row["message_id"]
     if not _PLAIN.fullmatch(message_id) or " " in message_id:
         raise ValueError(f"malformed Message-ID {message_id!r}")
     headers = (
-        ("From", _mailbox(sender_name, sender)),
+        ("From", _from_header(row["sender"])),
         ("To", _mailbox(row["recipient_name"] or "", recipient)),
         ("Subject", _unstructured(row["subject"])),
         ("Date", format_datetime(row["created_at"])),
@@ -141,6 +148,12 @@ def _sender(sender: str) -> tuple[str, SmtpAddress]:
     return address.display_name, smtp_address(address.addr_spec)
 
 
+@functools.lru_cache(maxsize=64)
+def _from_header(sender: str) -> str:
+    """The From header for a ``sender`` column (cached: it is the same for every mail)."""
+    return _mailbox(*_sender(sender))
+
+
 def _mailbox(display_name: str, address: SmtpAddress) -> str:
     local = address.local
     if not _DOT_ATOM.fullmatch(local) or "=?" in local:
@@ -153,14 +166,15 @@ def _mailbox(display_name: str, address: SmtpAddress) -> str:
     spec = f"<{local}@{address.domain}>"
     if not display_name:
         return spec
-    _check_text("display name", display_name)
-    if _is_plain(display_name):
+    # Plain printable ASCII holds nothing unsafe_text refuses; anything else is checked.
+    if _QUOTABLE.fullmatch(display_name):
         phrase = (
             display_name
             if _ATOMS.fullmatch(display_name)
             else '"' + display_name.replace("\\", "\\\\").replace('"', '\\"') + '"'
         )
     else:
+        _check_text("display name", display_name)
         phrase = _encoded_words(display_name)
     # Fold before the address when the line would be long (RFC 5322's 78 characters).
     joiner = " " if len(phrase) + len(spec) < 70 and "\r\n" not in phrase else "\r\n "
@@ -168,9 +182,9 @@ def _mailbox(display_name: str, address: SmtpAddress) -> str:
 
 
 def _unstructured(text: str) -> str:
-    _check_text("subject", text)
     if _is_plain(text):
         return _fold_words(text)
+    _check_text("subject", text)
     return _encoded_words(text)
 
 
@@ -224,8 +238,11 @@ def _ew(data: bytes) -> str:
 
 
 def _quoted_printable(text: str) -> bytes:
+    # Every line break (CRLF, LF, a lone CR) becomes one CRLF: b2a_qp passes a lone CR
+    # through, and a bare CR must never reach the wire.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
-    return encoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return encoded.replace(b"\n", b"\r\n")
 
 
 def _part(subtype: bytes, text: str) -> bytes:

@@ -7,11 +7,11 @@ if and only if that write commits. The dispatcher delivers it afterwards.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
-from email.utils import make_msgid
 from functools import lru_cache
 
 from asyncpg import Record
@@ -60,8 +60,9 @@ class Enqueued:
 def _mail_params(
     mail: Mail, sender: Address, not_before: datetime | None
 ) -> tuple[str, tuple[object, ...]]:
-    # The Message-ID's domain is the sender's, as ASCII: the header must be ASCII.
-    message_id = make_msgid(domain=ascii_domain(sender.domain))
+    # 128 random bits from the OS (email.utils.make_msgid draws on the global `random`
+    # module, which an app or a test may seed); the domain is the sender's, as ASCII.
+    message_id = f"<{secrets.token_hex(16)}@{ascii_domain(sender.domain)}>"
     recipient = mail.recipient
     return message_id, (
         message_id,

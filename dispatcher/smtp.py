@@ -7,9 +7,11 @@ instead of raising: the classification of SMTP replies lives here and nowhere el
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -188,16 +190,16 @@ class SmtpConnection:
         try:
             self.stage = "mail"
             sender = str(message.sender).encode("utf-8")
-            reply = await client.execute_command(b"MAIL", b"FROM:<" + sender + b">", *options)
+            reply = await self._command(client, b"MAIL", b"FROM:<" + sender + b">", *options)
             if reply.code != 250:
                 return await self._refused(client, reply.code, reply.message)
             self.stage = "rcpt"
             recipient = str(message.recipient).encode("utf-8")
-            reply = await client.execute_command(b"RCPT", b"TO:<" + recipient + b">")
+            reply = await self._command(client, b"RCPT", b"TO:<" + recipient + b">")
             if reply.code not in (250, 251):
                 return await self._refused(client, reply.code, reply.message)
             self.stage = "data"
-            reply = await client.execute_command(b"DATA")
+            reply = await self._command(client, b"DATA")
             if reply.code != 354:
                 return await self._refused(client, reply.code, reply.message)
             self.stage = "end_of_data"
@@ -208,7 +210,7 @@ class SmtpConnection:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the data")
             protocol.write(message.data() + b".\r\n")
-            reply = await protocol.read_response(timeout=self._config.timeout)
+            reply = await self._reply(client, protocol.read_response(timeout=None))
         except (aiosmtplib.SMTPException, OSError) as exc:  # disconnects, timeouts, garbage
             self.close()
             verdict = Verdict.UNKNOWN if self.stage == "end_of_data" else Verdict.TRANSIENT
@@ -220,6 +222,29 @@ class SmtpConnection:
         if 200 <= reply.code < 300:
             return SendResult(Verdict.SENT, reply.code, reply.message, stage="end_of_data")
         return await self._refused(client, reply.code, reply.message)
+
+    async def _command(self, client: aiosmtplib.SMTP, *args: bytes) -> aiosmtplib.SMTPResponse:
+        """Send one command and read its reply, within ``SMTP_TIMEOUT``."""
+        return await self._reply(client, client.execute_command(*args, timeout=None))
+
+    async def _reply(
+        self, client: aiosmtplib.SMTP, reading: Awaitable[aiosmtplib.SMTPResponse]
+    ) -> aiosmtplib.SMTPResponse:
+        """Await ``reading`` (a command or a reply) within ``SMTP_TIMEOUT`` per reply.
+
+        What aiosmtplib does with ``timeout=``, but with ``asyncio.timeout`` instead of
+        ``asyncio.wait_for``, which costs an extra trip through the event loop per reply
+        (four per mail). As there, a reply that does not come in time closes the
+        connection (it would be out of step) and raises SMTPReadTimeoutError.
+        """
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                return await reading
+        except aiosmtplib.SMTPException:
+            raise
+        except TimeoutError:
+            client.close()
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
 
     async def _refused(self, client: aiosmtplib.SMTP, code: int, reply: str) -> SendResult:
         result = classify_reply(code, reply, self.stage)

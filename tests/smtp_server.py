@@ -23,12 +23,22 @@ from cli.embedded_pg import free_port
 
 @dataclass
 class Received:
-    """One message the server accepted."""
+    """One message the server accepted, with its envelope."""
 
     recipient: str
     message_id: str
     data: bytes
     at: float
+    #: The envelope as the server got it: MAIL FROM, every RCPT TO and the MAIL options.
+    mail_from: str = ""
+    rcpt_tos: tuple[str, ...] = ()
+    mail_options: tuple[str, ...] = ()
+
+
+def long_reply(code: int, length: int = 9000) -> str:
+    """A one-line reply of ``length`` bytes: longer than aiosmtplib reads (8192 a line)."""
+    head = f"{code} "
+    return head + "x" * (length - len(head))
 
 
 @dataclass(frozen=True)
@@ -94,13 +104,25 @@ class FaultyHandler:
             parsed = email.message_from_bytes(content)
             with self.lock:
                 self.received.append(
-                    Received(recipient, str(parsed["Message-ID"]), content, time.monotonic())
+                    Received(
+                        recipient,
+                        str(parsed["Message-ID"]),
+                        content,
+                        time.monotonic(),
+                        mail_from=envelope.mail_from or "",
+                        rcpt_tos=tuple(envelope.rcpt_tos),
+                        mail_options=tuple(envelope.mail_options),
+                    )
                 )
         return reply.code
 
 
 class SmtpServer:
-    """A running aiosmtpd server on 127.0.0.1 with a :class:`FaultyHandler`."""
+    """A running aiosmtpd server on 127.0.0.1 with a :class:`FaultyHandler`.
+
+    Keyword arguments go to aiosmtpd's SMTP class. aiosmtpd's Controller offers SMTPUTF8
+    unless given ``enable_SMTPUTF8=False`` (an ASCII-only server).
+    """
 
     def __init__(self, handler: FaultyHandler | None = None, **controller: Any) -> None:
         self.handler = handler or FaultyHandler()
