@@ -52,6 +52,8 @@ _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?: [A-Za-z0-9!#$%&'*+/=?^
 _DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
 )
+#: A quoted-string local part (printable ASCII and escapes), as a stored address has it.
+_QUOTED_STRING = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"')
 #: Bytes of text per encoded-word: 42 bytes are 56 base64 characters, and with the
 #: ``=?utf-8?b?`` ``?=`` frame a folded line stays within 78 characters.
 _EW_BYTES = 42
@@ -156,7 +158,9 @@ def _from_header(sender: str) -> str:
 
 def _mailbox(display_name: str, address: SmtpAddress) -> str:
     local = address.local
-    if not _DOT_ATOM.fullmatch(local) or "=?" in local:
+    if _QUOTED_STRING.fullmatch(local) and "=?" not in local:
+        pass  # a quoted local part as stored ("john doe"@...): written as it is
+    elif not _DOT_ATOM.fullmatch(local) or "=?" in local:
         # Never reached for addresses the API accepts; a library caller's quoted local
         # part is written as a quoted string, and "=?" (which mail readers would decode
         # as an encoded-word even there) cannot be written faithfully at all.

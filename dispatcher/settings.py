@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 from email.headerregistry import Address
+from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -40,6 +42,24 @@ class Settings(BaseSettings):
     )
     mail_from: str = "Outbox <noreply@example.com>"
     admin_token: SecretStr | None = None
+    # The welcome mail (api/welcome.py): its templates and the values they are given.
+    product_name: str = Field(
+        default="Outbox",
+        min_length=1,
+        max_length=100,
+        description="The product's name in the welcome mail (plain text: it goes into "
+        "the subject).",
+    )
+    app_url: str | None = Field(
+        default=None,
+        description="http:// or https:// URL of the application, linked from the welcome "
+        "mail; unset, the mail has no link.",
+    )
+    templates_dir: Path | None = Field(
+        default=None,
+        description="Folder whose welcome.subject.txt, welcome.txt and welcome.html "
+        "replace the shipped templates of the same name.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Least severe log level written (any letter case)."
     )
@@ -102,6 +122,34 @@ class Settings(BaseSettings):
         parse_address(value)
         return value
 
+    @field_validator("product_name", mode="before")
+    @classmethod
+    def _strip_product_name(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("product_name")
+    @classmethod
+    def _check_product_name(cls, value: str) -> str:
+        from dispatcher.addresses import unsafe_text
+
+        reason = unsafe_text(value)  # it goes into the Subject header
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+    @field_validator("app_url")
+    @classmethod
+    def _check_app_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        check_app_url(value.strip())
+        return value.strip()
+
+    @field_validator("templates_dir", mode="before")
+    @classmethod
+    def _empty_templates_dir(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("admin_token")
     @classmethod
     def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -133,12 +181,40 @@ def parse_address(value: str) -> Address:
 
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValueError("must not contain control characters")
-    header = HeaderRegistry()("To", value)
+    try:
+        header = HeaderRegistry()("To", value)
+    except Exception:  # the parser trips over some malformed input (e.g. "user@")
+        raise ValueError(f"{value!r} is not a single valid email address") from None
     addresses: tuple[Address, ...] = getattr(header, "addresses", ())
     defects: tuple[object, ...] = getattr(header, "defects", ())
     if len(addresses) != 1 or defects or not addresses[0].domain:
         raise ValueError(f"{value!r} is not a single valid email address")
     return addresses[0]
+
+
+def check_app_url(value: str) -> None:
+    """Raise ValueError unless ``value`` is an absolute http(s) URL fit to put in a mail."""
+    if len(value) > 2000:
+        raise ValueError("must be at most 2000 characters long")
+    if not all("!" <= ch <= "~" for ch in value):
+        raise ValueError(
+            "must be printable ASCII without spaces (an internationalised domain as "
+            "xn--..., anything else percent-encoded), e.g. https://app.example.com"
+        )
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(
+            "must start with http:// or https:// (e.g. https://app.example.com), "
+            f"got scheme {parts.scheme or '(none)'!r}"
+        )
+    try:
+        _ = parts.port  # ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError("must name a host, e.g. https://app.example.com")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password (it is sent to every user)")
 
 
 def load_settings(**overrides: object) -> Settings:

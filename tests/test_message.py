@@ -204,3 +204,11 @@ def test_a_local_part_with_an_encoded_word_opener_is_refused() -> None:
         build_message(_row(recipient="=?utf-8?q?x?=@example.com"))
     with pytest.raises(ValueError, match="=\\?"):
         Mail(Address("Eve", "a=?b", "example.com"), "subject", "text")
+
+
+def test_a_quoted_local_part_is_written_once_quoted() -> None:
+    # What enqueue() stores for Address(username="john doe"): the quotes are part of it.
+    rendered = build_message(_row(recipient='"john doe"@example.com'))
+    assert str(rendered.recipient) == '"john doe"@example.com'
+    parsed = _parse(rendered.as_bytes())
+    assert parsed["To"].addresses[0].addr_spec == '"john doe"@example.com'

@@ -32,6 +32,9 @@ SETTINGS = (
     "SMTP_ALLOW_INSECURE_AUTH",
     "MAIL_FROM",
     "ADMIN_TOKEN",
+    "PRODUCT_NAME",
+    "APP_URL",
+    "TEMPLATES_DIR",
 )
 
 
@@ -68,9 +71,13 @@ BAD_SETTINGS = [
     ("DATABASE_URL", "mysql://x", "postgresql://"),
     ("DATABASE_URL", "not a url", "postgresql://"),
     ("MAIL_FROM", "not an address", "not a single valid email address"),
+    ("MAIL_FROM", "noreply@", "not a single valid email address"),
     ("MAIL_FROM", "a@example.com, b@example.com", "not a single valid email address"),
     ("MAIL_FROM", "Evil <a@example.com>\r\nBcc: x@example.com", "control characters"),
     ("ADMIN_TOKEN", "tooshort123", "at least 16 characters"),
+    ("APP_URL", "ftp://app.example.com", "must start with http:// or https://"),
+    ("APP_URL", "https://user:pw@app.example.com", "must not hold a user name or password"),
+    ("PRODUCT_NAME", "Acme\x1b[31m", "control characters"),
 ]
 
 

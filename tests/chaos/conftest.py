@@ -107,6 +107,10 @@ async def calm(chaos_pg: ChaosPostgres, tmp_path_factory: pytest.TempPathFactory
         problems = await rig.stop_all()
         ledger = await rig.reconcile(load)
         figures.CALM["throughput"] = ledger.throughput
+        for q in (50, 99):  # 201 -> inbox, the yardstick of "no extra delay"
+            latency = ledger.latency(q)
+            if latency is not None:
+                figures.CALM[f"latency p{q}"] = latency
         figures.record(
             f"calm baseline: {RATE:g} registrations/s for {CALM_SECONDS:g} s, 3 dispatchers",
             ledger,

@@ -8,7 +8,9 @@ then queued, and the 250 follows ``reply_delay`` seconds later: a client that di
 the processing has sent nothing, one that dies after the queueing has had its mail
 accepted, as with a real MTA.
 Every accepted message is recorded in the shared :class:`Mailbox` with a digest of its
-bytes, so duplicates can be told apart from different messages with one Message-ID.
+bytes, so duplicates can be told apart from different messages with one Message-ID, and
+with its raw bytes and envelope, so that a scenario can parse what really arrived. A
+server offers SMTPUTF8 (RFC 6531) only when asked to (``smtputf8=True``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class Delivery:
     digest: str
     at: float  # time.monotonic() in this process
     server: str
+    #: The envelope and the message as they arrived (the content after DATA, unstuffed).
+    mail_from: str = ""
+    recipients: tuple[str, ...] = ()
+    smtputf8: bool = False  # MAIL FROM carried SMTPUTF8
+    content: bytes = field(default=b"", repr=False)
 
 
 @dataclass
@@ -98,6 +105,10 @@ class ChaosHandler:
                 digest=hashlib.sha256(content).hexdigest(),
                 at=time.monotonic(),
                 server=self.label,
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(envelope.rcpt_tos),
+                smtputf8=envelope.smtp_utf8,
+                content=content,
             )
         )
         if self.reply_delay:  # queued: a client that dies now has had its mail accepted
@@ -109,10 +120,16 @@ class ChaosSmtp:
     """A real SMTP server on 127.0.0.1 that can go down and come back on the same port."""
 
     def __init__(
-        self, mailbox: Mailbox, label: str = "smtp", delay: float = 0.0, reply_delay: float = 0.0
+        self,
+        mailbox: Mailbox,
+        label: str = "smtp",
+        delay: float = 0.0,
+        reply_delay: float = 0.0,
+        smtputf8: bool = False,
     ) -> None:
         self.handler = ChaosHandler(mailbox, label, delay=delay, reply_delay=reply_delay)
         self.port = free_port()
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 in the EHLO reply
         self._controller: Controller | None = None
 
     @property
@@ -128,7 +145,12 @@ class ChaosSmtp:
         assert self._controller is None, "already up"
         deadline = time.monotonic() + 10
         while True:
-            controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+            controller = Controller(
+                self.handler,
+                hostname="127.0.0.1",
+                port=self.port,
+                enable_SMTPUTF8=self.smtputf8,
+            )
             try:
                 controller.start()
             except OSError:  # the port is still being released: try again shortly
