@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from dispatcher import operations as ops
-from dispatcher import times
-from dispatcher.settings import Settings
+from outbox.dispatcher import operations as ops
+from outbox.dispatcher import times
+from outbox.dispatcher.outbox import MAX_KEY_LENGTH
+from outbox.dispatcher.settings import Settings
 
 log = logging.getLogger("api.admin")
 
@@ -89,6 +90,10 @@ class Mail(BaseModel):
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    idempotency_key: str | None = Field(
+        default=None,
+        description="The idempotency key it was enqueued with (`enqueue(..., key=...)`), if any.",
+    )
 
 
 class Attempt(BaseModel):
@@ -125,6 +130,25 @@ class Header(BaseModel):
     value: str
 
 
+class Why(BaseModel):
+    """Why the mail has not gone yet (or when and how it went), in plain words."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    summary: str = Field(description="One sentence: where the mail stands.")
+    reasons: list[str] = Field(description="The plain-words lines behind the summary.")
+    next_attempt_at: datetime | None = Field(
+        description="When the next attempt is due (pending mail only)."
+    )
+    lease_owner: str | None = Field(description="The dispatcher holding its lease, if any.")
+    owner_alive: bool | None = Field(
+        description="Whether that dispatcher still heartbeats; null without a lease."
+    )
+    last_reply: str | None = Field(
+        description="The last SMTP reply (code and text) or error, and how far it got."
+    )
+
+
 class MailDetail(Mail):
     """An outbox row in full, with its attempts and the rendered headers."""
 
@@ -134,6 +158,10 @@ class MailDetail(Mail):
     history: list[Attempt]
     headers: list[Header]
     render_error: str | None = None
+    why: Why | None = Field(
+        default=None,
+        description="Why it has not gone yet (or when and how it went), as `outbox explain`.",
+    )
 
 
 class MailPage(BaseModel):
@@ -198,6 +226,14 @@ async def list_outbox(
     ] = None,
     since: Annotated[Time, Query(description=f"Created at or after. {_TIME_GRAMMAR}")] = None,
     until: Annotated[Time, Query(description=f"Created before. {_TIME_GRAMMAR}")] = None,
+    key: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_KEY_LENGTH,
+            description="Only the mail enqueued with this idempotency key (exact match).",
+        ),
+    ] = None,
     cursor: Annotated[
         int | None,
         Query(ge=1, le=ops.MAX_ID, description="The `next` value of the previous page."),
@@ -215,16 +251,25 @@ async def list_outbox(
             until=until,
             before=cursor,
             limit=limit,
+            key=key,
         )
     return MailPage(items=[Mail.model_validate(row) for row in page.items], next=page.next_cursor)
 
 
 @router.get("/{outbox_id}", response_model=MailDetail)
 async def show_outbox(outbox_id: OutboxId, request: Request) -> MailDetail:
-    """One mail: the row, its body, every attempt and the headers as sent."""
+    """One mail: the row, its body, every attempt, the headers as sent, and why it has
+    not gone yet."""
     pool: asyncpg.Pool = request.app.state.pool
+    settings: Settings = request.app.state.settings
     async with pool.acquire() as conn:
         detail = await ops.show(conn, outbox_id)
+        why = await ops.explain(
+            conn,
+            outbox_id,
+            max_attempts=settings.dispatcher_max_attempts,
+            max_age=settings.dispatcher_max_age,
+        )
     if detail is None:
         raise HTTPException(404, f"no mail with id {outbox_id}")
     return MailDetail(
@@ -235,6 +280,7 @@ async def show_outbox(outbox_id: OutboxId, request: Request) -> MailDetail:
         history=[Attempt.model_validate(a) for a in detail.history],
         headers=[Header(name=n, value=v) for n, v in detail.headers],
         render_error=detail.render_error,
+        why=Why.model_validate(why) if why is not None else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,13 +13,15 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from opentelemetry.trace import TracerProvider
 
-from api import admin, health, metrics, registration
-from api.database import DatabaseWatch
-from api.limits import BodyLimit, QueryText
-from dispatcher import logs, startup
-from dispatcher.db import CONNECTION_ERRORS, create_pool
-from dispatcher.settings import Settings, load_settings, require_database_url
+from outbox.api import admin, admin_site, health, metrics, registration
+from outbox.api.database import DatabaseWatch
+from outbox.api.limits import BodyLimit, QueryText
+from outbox.api.welcome import TemplateProblem, load_templates
+from outbox.dispatcher import logs, startup, tracing
+from outbox.dispatcher.db import CONNECTION_ERRORS, create_pool
+from outbox.dispatcher.settings import Settings, load_settings, require_database_url
 
 log = logging.getLogger("api")
 
@@ -35,13 +38,29 @@ NOT_READY: tuple[type[Exception], ...] = (
 )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application (``uvicorn --factory api.app:create_app``)."""
+def create_app(
+    settings: Settings | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the application (``uvicorn --factory api.app:create_app``).
+
+    Spans go to ``tracer_provider``, else to the global one (a no-op until an
+    OpenTelemetry SDK is configured).
+    """
     serving = settings is None  # built by uvicorn's factory call, to serve
     if settings is None:
         settings = load_settings()
         logs.configure(settings.log_level, settings.log_format or "json")
     database_url = require_database_url(settings)
+    # Compiled once, here: a broken template stops the process before it serves anything.
+    try:
+        welcome = load_templates(settings)
+    except TemplateProblem as exc:
+        if not serving:
+            raise
+        print(f"outbox api: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if serving and settings.templates_dir is not None:
+        log.info("templates.loaded", extra={"templates": ", ".join(welcome.files.values())})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
         app.state.sender = settings.sender
+        app.state.tracer = tracing.tracer("outbox.api", tracer_provider)
+        app.state.welcome = welcome
         app.state.settings = settings
         # The start-up check, logged now and again while the database has a problem.
         app.state.database = DatabaseWatch(app.state.pool, database_url)
@@ -85,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(admin.router)
+    app.include_router(admin_site.router)  # /admin, the operator's web page
     # Before any route: bodies over 64 KiB are a 413, unstorable query text a 422.
     app.add_middleware(BodyLimit)
     app.add_middleware(QueryText)

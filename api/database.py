@@ -18,8 +18,8 @@ from typing import Final
 
 import asyncpg
 
-from dispatcher import startup
-from dispatcher.db import CONNECTION_ERRORS, redact
+from outbox.dispatcher import startup
+from outbox.dispatcher.db import CONNECTION_ERRORS, redact
 
 log = logging.getLogger("api.database")
 
@@ -55,7 +55,7 @@ class DatabaseWatch:
         revision = None
         try:
             async with asyncio.timeout(limit), self._pool.acquire() as conn:
-                revision = await startup.check_schema(conn)
+                revision = await startup.check_schema(conn, registration=True)
         except startup.StartupError as exc:
             problem = exc
         except _CHECK_ERRORS as exc:

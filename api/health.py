@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.database import DatabaseWatch
+from outbox.api.database import DatabaseWatch
 
 router = APIRouter()
 

@@ -27,7 +27,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from dispatcher.queue_metrics import QueueCollector, sample_queue
+from outbox.dispatcher.queue_metrics import QueueCollector, sample_queue
 
 #: The API's own metrics: the process and what the API does, never the metrics of other
 #: modules that happen to be imported in the process (the dispatcher's histograms).

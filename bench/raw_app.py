@@ -21,7 +21,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from dispatcher.addresses import email_key
+from outbox.dispatcher.addresses import email_key
 
 SENDER = "Outbox <noreply@example.com>"
 INSERT_USER = (

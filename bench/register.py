@@ -13,6 +13,8 @@ and loads each with many concurrent keep-alive clients registering unique emails
 targets alternate, round after round, so drift on a shared machine hits both alike; the
 summary takes the median round of each. Load comes from ``wrk`` (with a Lua script for
 unique emails) when installed, else from ``bench/loadgen.py`` in a separate process.
+With ``--idempotency-keys`` (wrk only) every request carries a unique ``Idempotency-Key``:
+the API's keyed path, one transaction that also stores the key and the answer.
 
 Besides req/s and latency it reports CPU time per request of the server process and of
 PostgreSQL, which is far less noisy than throughput and shows where the time goes.
@@ -43,17 +45,19 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
-from cli import migrate  # noqa: E402
-from cli.embedded_pg import EmbeddedPostgres, free_port  # noqa: E402
+from outbox.cli import migrate  # noqa: E402
+from outbox.cli.embedded_pg import EmbeddedPostgres, free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 WRK_SCRIPT = r"""
 -- Unique emails per request: <prefix>-<thread>-<counter>@example.com. setup() runs in
 -- wrk's main Lua state and sets the global `id` in each thread's own state.
+-- With a second argument "keyed", each request also carries a unique Idempotency-Key.
 local counter = 0
 local threads = 0
 local prefix = "u"
+local keyed = false
 
 function setup(thread)
     threads = threads + 1
@@ -62,6 +66,7 @@ end
 
 function init(args)
     prefix = args[1] or "u"
+    keyed = args[2] == "keyed"
 end
 
 function request()
@@ -69,7 +74,11 @@ function request()
     local body = string.format(
         '{"email": "%s-%d-%d@example.com", "name": "Bench User %d"}',
         prefix, id or 0, counter, counter)
-    return wrk.format("POST", "/register", {["Content-Type"] = "application/json"}, body)
+    local headers = {["Content-Type"] = "application/json"}
+    if keyed then
+        headers["Idempotency-Key"] = string.format("%s-%d-%d", prefix, id or 0, counter)
+    end
+    return wrk.format("POST", "/register", headers, body)
 end
 """
 
@@ -184,6 +193,7 @@ def _run_wrk(url: str, ns: argparse.Namespace, prefix: str, script: Path) -> dic
         url + "/register",
         "--",
         prefix,
+        *(["keyed"] if ns.idempotency_keys else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -457,6 +467,12 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=["api", "raw"], help="measure one target only")
     parser.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="send a unique Idempotency-Key with every request (the API's keyed path; "
+        "the baseline ignores it); needs wrk",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="then sample each server with py-spy for one more round and show where time goes",
@@ -474,6 +490,8 @@ def main() -> int:
     use_wrk = ns.loadgen == "wrk" or (ns.loadgen == "auto" and shutil.which("wrk"))
     if ns.loadgen == "wrk" and not shutil.which("wrk"):
         parser.error("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    if ns.idempotency_keys and not use_wrk:
+        parser.error("--idempotency-keys needs wrk (apt-get install wrk)")
     settings = dict(item.split("=", 1) for item in ns.pg_setting)
 
     tmp = Path(tempfile.mkdtemp(prefix="outbox-bench-"))

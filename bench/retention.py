@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
-from cli import migrate  # noqa: E402
-from cli.embedded_pg import EmbeddedPostgres  # noqa: E402
-from dispatcher import operations, queries  # noqa: E402
-from dispatcher.db import asyncpg_dsn  # noqa: E402
+from outbox.cli import migrate  # noqa: E402
+from outbox.cli.embedded_pg import EmbeddedPostgres  # noqa: E402
+from outbox.dispatcher import operations, queries  # noqa: E402
+from outbox.dispatcher.db import asyncpg_dsn  # noqa: E402
 
 SENDER = "Outbox <noreply@example.org>"
 BODY_TEXT = (

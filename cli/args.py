@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from dispatcher import times
+from outbox.dispatcher import times
+from outbox.dispatcher.addresses import unsafe_text
+from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 
 
 def positive_int(text: str) -> int:
@@ -73,6 +75,19 @@ def page_size(text: str) -> int:
     if value > 10_000:
         raise argparse.ArgumentTypeError(f"must be at most 10000, got {value}")
     return value
+
+
+def idempotency_key(text: str) -> str:
+    """An idempotency key as ``enqueue(..., key=...)`` takes it: 1-200 characters of plain
+    text."""
+    if not 1 <= len(text) <= MAX_KEY_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"a key is 1 to {MAX_KEY_LENGTH} characters long, got {len(text)}"
+        )
+    reason = unsafe_text(text)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"a key {reason}")
+    return text
 
 
 def timestamp(text: str) -> datetime:

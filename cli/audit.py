@@ -1,4 +1,4 @@
-"""``outbox status|list|show|retry|cancel|prune``: audit and operate the outbox.
+"""``outbox status|list|show|explain|retry|cancel|prune``: audit and operate the outbox.
 
 Thin command-line front end of :mod:`dispatcher.operations`. Results go to stdout (a
 table, or JSON with ``--json``); progress of bulk operations and refusals go to stderr.
@@ -22,12 +22,13 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from cli import args as types
-from cli.output import OutputClosed
-from dispatcher import operations as ops
-from dispatcher import startup
-from dispatcher.db import CONNECTION_ERRORS, Connection
-from dispatcher.settings import load_settings, require_database_url
+from outbox.api import idempotency as registration_keys
+from outbox.cli import args as types
+from outbox.cli.output import OutputClosed
+from outbox.dispatcher import operations as ops
+from outbox.dispatcher import startup
+from outbox.dispatcher.db import CONNECTION_ERRORS, Connection
+from outbox.dispatcher.settings import load_settings, require_database_url
 
 #: Errors of the database itself, as opposed to bugs (see :func:`startup.classify`).
 _DATABASE_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
@@ -45,6 +46,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("list", help="list mail, newest first")
     p.add_argument("--status", choices=ops.STATUSES, help="only mail in this status")
     p.add_argument("--recipient", metavar="ADDRESS", help="only mail to this address (any case)")
+    p.add_argument(
+        "--key", type=types.idempotency_key, help="only the mail enqueued with this idempotency key"
+    )
     p.add_argument(
         "--since",
         type=types.timestamp,
@@ -70,6 +74,19 @@ def register(sub: Any) -> None:
     p.add_argument("id", type=types.outbox_id, metavar="ID", help="the outbox id")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser(
+        "explain",
+        help="why a mail has not gone yet (or when and how it went), in plain words",
+        description="Why a mail has not gone yet, in plain words: its state and next "
+        "attempt, who holds its lease and whether that dispatcher is alive, the last reply, "
+        "the attempts left, and whether the dispatchers are running and can reach the SMTP "
+        "server; for mail that went, when and why. The attempt limits are "
+        "DISPATCHER_MAX_ATTEMPTS and DISPATCHER_MAX_AGE as set here.",
+    )
+    p.add_argument("id", type=types.outbox_id, metavar="ID", help="the outbox id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=cmd_explain)
 
     p = sub.add_parser(
         "retry",
@@ -102,7 +119,8 @@ def register(sub: Any) -> None:
         help="delete old sent and cancelled mail with its attempts",
         description="Delete sent and cancelled mail (and failed mail with --include-failed) "
         "created and completed more than AGE ago, with its attempt history, in batches. "
-        "Pending mail and mail being sent are never touched.",
+        "Pending mail and mail being sent are never touched. Registration keys "
+        "(POST /register's Idempotency-Key) go once past their 24 hours, whatever AGE.",
     )
     p.add_argument(
         "--older-than",
@@ -118,8 +136,15 @@ def register(sub: Any) -> None:
         help="rows deleted per transaction (default 1000)",
     )
     p.add_argument("--include-failed", action="store_true", help="delete old failed mail as well")
+    p.add_argument(
+        "--keys-older-than",
+        type=types.duration,
+        metavar="AGE",
+        help="also delete idempotency keys made more than AGE ago whose mail is gone "
+        "(at least --older-than; without it keys are kept forever)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
-    p.set_defaults(handler=cmd_prune)
+    p.set_defaults(handler=cmd_prune, parser=p)
 
 
 # --- Plumbing -------------------------------------------------------------------------------
@@ -129,7 +154,7 @@ def _database_url() -> str:
     settings = load_settings()
     if settings.database_url is None:
         # No DATABASE_URL: an `outbox dev` running here is the obvious database to audit.
-        from cli.dev import running_dev_database
+        from outbox.cli.dev import running_dev_database
 
         url = running_dev_database()
         if url is not None:
@@ -325,6 +350,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
             until=ns.until,
             before=ns.before,
             limit=ns.limit,
+            key=ns.key,
         )
         if ns.json:
             _print_json(
@@ -375,6 +401,31 @@ def cmd_show(ns: argparse.Namespace) -> int:
     return _run("show", work)
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    """Why one mail has not gone yet, in plain words."""
+    settings = load_settings()
+
+    async def work(conn: Connection) -> int:
+        why = await ops.explain(
+            conn,
+            ns.id,
+            max_attempts=settings.dispatcher_max_attempts,
+            max_age=settings.dispatcher_max_age,
+        )
+        if why is None:
+            _error("explain", f"no mail with id {ns.id}")
+            return 1
+        if ns.json:
+            _print_json(why)
+            return 0
+        print(_clean(why.summary))
+        for reason in why.reasons:
+            print(f"  {_clean(reason)}")
+        return 0
+
+    return _run("explain", work)
+
+
 def _last_error(row: ops.MailRow) -> str | None:
     """The last failure: its SMTP code and error; None when there was none (a 2xx code
     is the reply that accepted the mail, not an error)."""
@@ -392,6 +443,7 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
         ("from", r.sender),
         ("to", f"{r.recipient_name} <{r.recipient}>" if r.recipient_name else r.recipient),
         ("subject", r.subject),
+        ("key", r.idempotency_key or "-"),
         ("created", f"{_time(r.created_at)} UTC"),
         ("updated", f"{_time(r.updated_at)} UTC"),
         ("sent", f"{_time(r.sent_at)} UTC" if r.sent_at else "-"),
@@ -495,14 +547,18 @@ def _counts(deleted: Mapping[str, int]) -> str:
 
 def cmd_prune(ns: argparse.Namespace) -> int:
     """Delete old finished mail in batches, with progress on stderr."""
+    if ns.keys_older_than is not None and ns.keys_older_than < ns.older_than:
+        parser: argparse.ArgumentParser = ns.parser
+        parser.error("--keys-older-than must not be shorter than --older-than")
 
     async def work(conn: Connection) -> int:
         progress = _Progress()
 
         def step(p: ops.PruneResult) -> None:
+            keys = f"{p.keys_deleted:,} keys, " if p.keys_cutoff is not None else ""
             progress.update(
                 f"prune: {p.total:,} mails deleted ({_counts(p.deleted)}), "
-                f"{p.attempts_deleted:,} attempts, {p.batches:,} batches"
+                f"{p.attempts_deleted:,} attempts, {keys}{p.batches:,} batches"
             )
 
         result = await ops.prune(
@@ -512,6 +568,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
             batch_size=ns.batch_size,
             dry_run=ns.dry_run,
             progress=step,
+            keys_older_than=ns.keys_older_than,
         )
         progress.done()
         verb = "would delete" if result.dry_run else "deleted"
@@ -520,6 +577,18 @@ def cmd_prune(ns: argparse.Namespace) -> int:
             f"{result.attempts_deleted:,} attempts created and completed before "
             f"{_time(result.cutoff)} UTC"
         )
+        if result.keys_cutoff is not None:
+            print(
+                f"{verb} {result.keys_deleted:,} idempotency keys made before "
+                f"{_time(result.keys_cutoff)} UTC whose mail is gone"
+            )
+        # POST /register's Idempotency-Key rows live 24 h, whatever the age given (a
+        # database migrated --without-registration has no such table).
+        if await conn.fetchval("SELECT to_regclass('registration_keys') IS NOT NULL"):
+            expired = await registration_keys.prune_expired(
+                conn, batch_size=ns.batch_size, dry_run=ns.dry_run
+            )
+            print(f"{verb} {expired:,} expired registration keys (Idempotency-Key, kept 24 h)")
         return 0
 
     return _run("prune", work)

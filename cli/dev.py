@@ -26,10 +26,10 @@ from typing import Any
 
 import asyncpg
 
-from cli import args as types
-from cli.ports import listen_problem
-from dispatcher.db import asyncpg_dsn, redact
-from dispatcher.settings import load_settings
+from outbox.cli import args as types
+from outbox.cli.ports import listen_problem
+from outbox.dispatcher.db import asyncpg_dsn, redact
+from outbox.dispatcher.settings import load_settings
 
 GRACE_SECONDS = 30.0
 #: How long the API gets to answer before `outbox dev` gives up.
@@ -43,7 +43,7 @@ def default_data_dir() -> Path:
 
 def running_dev_database(data_dir: Path | None = None) -> str | None:
     """The URL of the database of a running ``outbox dev`` in ``data_dir``, if any."""
-    from cli.embedded_pg import EmbeddedPostgres
+    from outbox.cli.embedded_pg import EmbeddedPostgres
 
     pg = EmbeddedPostgres((data_dir or default_data_dir()) / "postgres")
     if not (pg.pgdata / "postmaster.pid").exists() or not pg.running():
@@ -81,12 +81,24 @@ def run(ns: argparse.Namespace) -> int:
     """Start the stack and supervise it until Ctrl-C or SIGTERM."""
     import asyncio
 
-    from cli import migrate
-    from cli.embedded_pg import EmbeddedPostgres, free_port
-    from cli.sink import start_sink
-    from dispatcher import logs, startup
+    from outbox.cli import extras, migrate
+    from outbox.cli.embedded_pg import EmbeddedPostgres, free_port
+    from outbox.dispatcher import logs, startup
 
     settings = load_settings()
+    # The registration service, and the embedded PostgreSQL and the sink unless
+    # DATABASE_URL and SMTP_HOST point elsewhere.
+    local = [
+        name
+        for name, used in [
+            ("pgserver", not settings.database_url),
+            ("aiosmtpd", settings.smtp_host is None),
+        ]
+        if used
+    ]
+    extras.require("dev", {"api": None, "local": tuple(local)})
+    from outbox.cli.sink import start_sink
+
     log_format = settings.log_format or "console"
     logs.configure(settings.log_level, log_format)
     data_dir: Path = ns.data_dir.resolve()
@@ -105,6 +117,13 @@ def run(ns: argparse.Namespace) -> int:
     problem = listen_problem(ns.host, ns.port)
     if problem is not None:  # before anything is started
         print(f"outbox dev: {problem}", file=sys.stderr)
+        return 2
+    from outbox.api.welcome import TemplateProblem, load_templates
+
+    try:
+        load_templates(settings)  # a broken template stops everything before it starts
+    except TemplateProblem as exc:
+        print(f"outbox dev: {exc}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     env["LOG_FORMAT"] = log_format
@@ -159,7 +178,7 @@ def run(ns: argparse.Namespace) -> int:
             sink = start_sink(mail_dir, smtp_port)
             env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp_port), SMTP_SECURITY="none")
 
-        python = [sys.executable, "-m", "cli.main"]
+        python = [sys.executable, "-m", "outbox.cli.main"]
         commands = [
             [*python, "api", "--host", ns.host, "--port", str(ns.port)],
             [*python, "dispatcher", "--name", "dev"],

@@ -7,20 +7,21 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from cli import args as types
-from cli import output
-from dispatcher import startup
-from dispatcher.settings import load_settings, require_database_url
+from outbox.cli import args as types
+from outbox.cli import output
+from outbox.dispatcher import startup
+from outbox.dispatcher.settings import load_settings, require_database_url
 
 
 def cmd_migrate(ns: argparse.Namespace) -> int:
     """Upgrade the schema to the newest revision."""
-    from cli import migrate
-    from dispatcher.db import redact
+    from outbox.cli import migrate
+    from outbox.dispatcher.db import redact
 
     url = require_database_url(load_settings())
     startup.check_or_exit(url, "migrate", schema=False)  # the server, role and database
-    migrate.upgrade_or_exit(url, "outbox migrate")
+    registration = not ns.without_registration
+    migrate.upgrade_or_exit(url, "outbox migrate", registration=registration)
     print(f"schema is at head on {redact(url)}")
     return 0
 
@@ -31,14 +32,24 @@ def _stopped(signum: int, frame: object) -> None:
 
 def cmd_api(ns: argparse.Namespace) -> int:
     """Serve the HTTP API with uvicorn; exit 0 after a graceful stop (SIGTERM, SIGINT)."""
+    from outbox.cli import extras
+
+    extras.require("api", {"api": None})
     import uvicorn
 
-    from cli.ports import listen_problem
-    from dispatcher import logs
+    from outbox.cli.ports import listen_problem
+    from outbox.dispatcher import logs
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format or "json")
     require_database_url(settings)  # fail here, naming the setting, not in each worker
+    from outbox.api.welcome import TemplateProblem, load_templates
+
+    try:
+        load_templates(settings)  # the same: a broken template is one line, exit 2
+    except TemplateProblem as exc:
+        print(f"outbox api: {exc}", file=sys.stderr)
+        return 2
     problem = listen_problem(ns.host, ns.port)
     if problem is not None:
         print(f"outbox api: {problem}", file=sys.stderr)
@@ -50,7 +61,7 @@ def cmd_api(ns: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
     uvicorn.run(
-        "api.app:create_app",
+        "outbox.api.app:create_app",
         factory=True,
         host=ns.host,
         port=ns.port,
@@ -70,7 +81,7 @@ def build_parser() -> types.Parser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from cli import dev, run_dispatcher
+    from outbox.cli import dev, run_dispatcher
 
     dev.register(sub)
     run_dispatcher.register(sub)
@@ -84,9 +95,15 @@ def build_parser() -> types.Parser:
     api.set_defaults(handler=cmd_api)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
+    migrate.add_argument(
+        "--without-registration",
+        action="store_true",
+        help="install the outbox without the registration service's tables (users, "
+        "registration_keys), next to an application's own; kept by later migrations",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
-    from cli import audit
+    from outbox.cli import audit
 
     audit.register(sub)
     return parser

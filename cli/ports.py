@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from cli.embedded_pg import free_port
+from outbox.cli.embedded_pg import free_port
 
 
 def listen_problem(host: str, port: int) -> str | None:

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, start_http_server
 
-from cli import args as types
-from dispatcher import logs, startup
-from dispatcher.backoff import full_jitter
-from dispatcher.db import create_pool
-from dispatcher.queue_metrics import QueueCollector, QueueSample, sample_queue
-from dispatcher.settings import load_settings, require_database_url
+from outbox.cli import args as types
+from outbox.dispatcher import logs, startup
+from outbox.dispatcher.backoff import full_jitter
+from outbox.dispatcher.db import create_pool
+from outbox.dispatcher.queue_metrics import QueueCollector, QueueSample, sample_queue
+from outbox.dispatcher.settings import load_settings, require_database_url
 
 if TYPE_CHECKING:
-    from dispatcher.daemon import Dispatcher
+    from outbox.dispatcher.daemon import Dispatcher
 
 log = logging.getLogger("dispatcher")
 
@@ -80,9 +80,9 @@ def run(ns: argparse.Namespace) -> int:
     """
     # Imported here, not at the top: every `outbox` command builds this parser, and the
     # daemon's metrics must not appear in other processes (the API's /metrics).
-    from cli.ports import listen_problem
-    from dispatcher.daemon import Dispatcher, DispatcherConfig
-    from dispatcher.smtp import SmtpConfig
+    from outbox.cli.ports import listen_problem
+    from outbox.dispatcher.daemon import Dispatcher, DispatcherConfig
+    from outbox.dispatcher.smtp import SmtpConfig
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format or "json")
@@ -167,7 +167,7 @@ async def _sample_queue_forever(database_url: str, latest: list[QueueSample]) ->
 
 
 async def _serve(dispatcher: Dispatcher, database_url: str, metrics_port: int | None) -> int:
-    from dispatcher.daemon import NameInUse
+    from outbox.dispatcher.daemon import NameInUse
 
     loop = asyncio.get_running_loop()
     sampler = None

@@ -27,13 +27,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, TracerProvider
 
-from dispatcher import metrics, queries
-from dispatcher.backoff import full_jitter
-from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, create_pool
-from dispatcher.message import build_message
-from dispatcher.settings import Settings
-from dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict
+from outbox.dispatcher import metrics, queries, tracing
+from outbox.dispatcher.backoff import full_jitter
+from outbox.dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, create_pool
+from outbox.dispatcher.message import build_message
+from outbox.dispatcher.settings import Settings
+from outbox.dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict
 
 log = logging.getLogger("dispatcher")
 
@@ -140,6 +142,8 @@ class Outcome:
     finished_at: datetime
     retry_in: float = 0.0
     error: str | None = None
+    #: The attempt's ``outbox.send`` span when it is recorded (``outbox.record`` goes under it).
+    span: SpanContext | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +157,18 @@ class Release:
 class Dispatcher:
     """One dispatcher process's worth of work; :meth:`run` until :meth:`request_stop`."""
 
-    def __init__(self, config: DispatcherConfig, database_url: str, smtp: SmtpConfig) -> None:
+    def __init__(
+        self,
+        config: DispatcherConfig,
+        database_url: str,
+        smtp: SmtpConfig,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self._database_url = database_url
         self._smtp = smtp
+        #: The global provider's unless one is given: no-op until an SDK is configured.
+        self._tracer = tracing.tracer("outbox.dispatcher", tracer_provider)
         self._pool: asyncpg.Pool | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -487,6 +499,7 @@ class Dispatcher:
                 continue
             self._wake.clear()
             now = time.monotonic()  # before the claim: a lapse during it voids it too
+            claim_started_ns = time.time_ns()
             try:
                 rows = await self._pool.fetch(
                     queries.CLAIM,
@@ -502,10 +515,21 @@ class Dispatcher:
                 await self._db_trouble("claim", exc, failures)
                 continue
             failures = 0
+            claim_finished_ns = time.time_ns()
             for row in rows:
                 self._outstanding += 1
                 self._held.add(row["id"])
                 self._queue.put_nowait(Claim(row, now + cfg.lease))
+                if row["trace_context"] is not None:
+                    tracing.claimed(
+                        self._tracer,
+                        row["trace_context"],
+                        outbox_id=row["id"],
+                        dispatcher=cfg.name,
+                        batch=len(rows),
+                        started_ns=claim_started_ns,
+                        finished_ns=claim_finished_ns,
+                    )
             if rows:
                 metrics.CLAIM_BATCH.observe(len(rows))
                 log.debug("claim", extra={"dispatcher": cfg.name, "rows": len(rows)})
@@ -587,6 +611,34 @@ class Dispatcher:
             await connection.quit()
 
     async def _deliver(self, connection: SmtpConnection, claim: Claim) -> None:
+        """One attempt, in an ``outbox.send`` span that continues the mail's trace."""
+        span = tracing.send_span(
+            self._tracer,
+            claim.row["trace_context"],
+            outbox_id=claim.id,
+            message_id=claim.row["message_id"],
+            attempt=claim.attempt,
+            dispatcher=self.config.name,
+        )
+        with trace.use_span(span, end_on_exit=True):
+            item = await self._attempt(connection, claim)
+            if isinstance(item, Release):
+                tracing.send_finished(span, "released", error=item.reason)
+            else:
+                result = item.result
+                context = tracing.send_finished(
+                    span,
+                    item.outcome,
+                    stage=result.stage,
+                    code=result.smtp_code,
+                    error=None if item.outcome == "sent" else item.error or result.smtp_reply,
+                )
+                if context is not None:
+                    item = replace(item, span=context)
+        self._records.put_nowait(item)
+
+    async def _attempt(self, connection: SmtpConnection, claim: Claim) -> Outcome | Release:
+        """Send the claimed mail if its lease still holds: its outcome, or its release."""
         pause = self._smtp_pause_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(min(pause, max(0.0, claim.deadline - time.monotonic())))
@@ -601,8 +653,7 @@ class Dispatcher:
                 if lapsed
                 else "heartbeat not confirmed"
             )
-            self._records.put_nowait(Release(claim, reason))
-            return
+            return Release(claim, reason)
         started_at = datetime.now(UTC)
         try:
             message = build_message(claim.row)
@@ -612,8 +663,7 @@ class Dispatcher:
                 error=f"cannot render the message: {_describe(exc)}",
                 stage="render",
             )
-            self._records.put_nowait(self._decide(claim, result, started_at))
-            return
+            return self._decide(claim, result, started_at)
         clock = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
@@ -632,11 +682,8 @@ class Dispatcher:
         if result.connection_problem and result.stage == "connect":
             # The server could not be reached at all: nothing was attempted for this mail,
             # so it keeps its attempts and waits for the pause to end.
-            self._records.put_nowait(
-                Release(claim, f"SMTP server unreachable: {_smtp_error(result)}")
-            )
-            return
-        self._records.put_nowait(self._decide(claim, result, started_at))
+            return Release(claim, f"SMTP server unreachable: {_smtp_error(result)}")
+        return self._decide(claim, result, started_at)
 
     def _note_smtp_health(self, result: SendResult) -> None:
         if not result.connection_problem:
@@ -717,6 +764,7 @@ class Dispatcher:
         releases = [item for item in batch if isinstance(item, Release)]
         assert self._pool is not None
         failures = 0
+        started_ns = time.time_ns()
         while True:  # outcomes are never dropped: keep trying until the database is back
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
@@ -743,8 +791,20 @@ class Dispatcher:
                 )
         self._held.difference_update(item.claim.id for item in batch)
         lost = {row["outbox_id"] for row in recorded if row["lease_lost"]}
+        finished_ns = time.time_ns()
         for item in outcomes:
             self._log_outcome(item, item.claim.id in lost)
+            if item.span is not None:
+                tracing.recorded(
+                    self._tracer,
+                    item.span,
+                    outbox_id=item.claim.id,
+                    outcome=item.outcome,
+                    lease_lost=item.claim.id in lost,
+                    batch=len(batch),
+                    started_ns=started_ns,
+                    finished_ns=finished_ns,
+                )
         for release in releases:
             log.info(
                 "mail.released",

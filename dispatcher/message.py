@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any
 
-from dispatcher.addresses import SmtpAddress, smtp_address, unsafe_text
-from dispatcher.settings import parse_address
+from outbox.dispatcher.addresses import SmtpAddress, smtp_address, unsafe_text
+from outbox.dispatcher.settings import parse_address
 
 __all__ = ["Rendered", "build_message", "sender_address"]
 

@@ -32,21 +32,23 @@ Decisions (documented in docs/audit.md as well):
   cutoff; ``failed`` rows only when asked (``include_failed``), because a failed row is
   an undelivered mail that an operator may still want to read or retry. ``pending`` and
   ``sending`` rows are never touched. A row is old when both its creation and its
-  completion (``sent_at``, else ``updated_at``) are before the cutoff.
+  completion (``sent_at``, else ``updated_at``) are before the cutoff. Idempotency keys
+  (``outbox_keys``) outlive their mail; they are pruned only with ``keys_older_than``, a
+  window of their own at least as long as the mail's, and only once their mail is gone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
 import asyncpg
 
-from dispatcher.db import Connection
-from dispatcher.message import build_message
-from dispatcher.queries import NOTIFY_CHANNEL
+from outbox.dispatcher.db import Connection
+from outbox.dispatcher.message import build_message
+from outbox.dispatcher.queries import NOTIFY_CHANNEL
 
 __all__ = [
     "CANCELLABLE",
@@ -58,6 +60,7 @@ __all__ = [
     "Attempt",
     "ChangeResult",
     "DispatcherInfo",
+    "Explanation",
     "MailDetail",
     "MailRow",
     "Page",
@@ -67,12 +70,16 @@ __all__ = [
     "Status",
     "StatusSummary",
     "cancel",
+    "explain",
     "get",
+    "hold_reasons",
     "list_mail",
     "prune",
     "queue_counts",
     "retry",
     "retry_all_failed",
+    "rows_held",
+    "sent_per_minute",
     "show",
     "status_summary",
 ]
@@ -118,6 +125,8 @@ class MailRow:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    #: The idempotency key it was enqueued with (``enqueue(..., key=...)``), if any.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +238,9 @@ class PruneResult:
     attempts_deleted: int = 0
     batches: int = 0
     dry_run: bool = False
+    #: Idempotency keys made before this were deleted (None: keys were kept).
+    keys_cutoff: datetime | None = None
+    keys_deleted: int = 0
 
     @property
     def total(self) -> int:
@@ -240,7 +252,7 @@ class PruneResult:
 
 _ROW_COLUMNS = """id, message_id, sender, recipient, recipient_name, subject, status, attempts,
        next_attempt_at, lease_owner, lease_expires_at, last_error, last_smtp_code,
-       created_at, updated_at, sent_at"""
+       created_at, updated_at, sent_at, idempotency_key"""
 
 # Counts per status. pending/sending come from the partial claim index (the live queue),
 # failed/cancelled from the partial index of migration 0002: both stay small however large
@@ -422,6 +434,46 @@ WHERE {_PRUNE_MATCH.replace("$3", "$1").replace("$4", "$2")}
 GROUP BY o.status
 """
 
+# Idempotency keys outlive their mail: there is no foreign key between outbox_keys and
+# outbox, so the mail prune above leaves them, and a repeat of a key still finds it. They
+# go only when asked, before a cutoff of their own ($3), and only once their mail is gone
+# (a key whose mail is still there, e.g. failed and kept, stays with it). Walks
+# outbox_keys_created_at_idx from the keyset cursor ($1, $2), as the mail prune walks its
+# index; a batch whose keys all stay still moves the cursor on.
+_PRUNE_KEYS_CHUNK = """
+WITH doomed AS (
+    SELECT key, created_at, outbox_id FROM outbox_keys
+    WHERE (created_at, outbox_id) > ($1, $2) AND created_at < $3
+    ORDER BY created_at, outbox_id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+),
+gone AS (
+    DELETE FROM outbox_keys k
+    USING doomed
+    WHERE k.key = doomed.key
+      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = doomed.outbox_id)
+    RETURNING k.key
+),
+last AS (
+    SELECT created_at, outbox_id FROM doomed ORDER BY created_at DESC, outbox_id DESC LIMIT 1
+)
+SELECT (SELECT created_at FROM last) AS last_created_at,
+       (SELECT outbox_id FROM last) AS last_id,
+       (SELECT count(*) FROM gone) AS deleted
+"""
+
+# Keys made before $1 whose mail is gone, or would go now (cutoff $2, statuses $3).
+_PRUNE_KEYS_DRY_RUN = f"""
+SELECT count(*) FROM outbox_keys k
+WHERE k.created_at < $1
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox o
+        WHERE o.id = k.outbox_id
+          AND NOT ({_PRUNE_MATCH.replace("$3", "$2").replace("$4", "$3")})
+  )
+"""
+
 
 # --- Reading ------------------------------------------------------------------------------
 
@@ -444,6 +496,7 @@ def _mail_row(record: asyncpg.Record) -> MailRow:
         created_at=record["created_at"],
         updated_at=record["updated_at"],
         sent_at=record["sent_at"],
+        idempotency_key=record["idempotency_key"],
     )
 
 
@@ -506,6 +559,48 @@ async def status_summary(conn: Connection, *, exact: bool = False) -> StatusSumm
     )
 
 
+# Sent mail per minute over the last ``$1`` whole minutes and the current one, oldest
+# first, zeros included. The attempts are counted per minute first, then joined to the
+# series of minutes (a range join per minute would read the attempts once per minute).
+_SENT_PER_MINUTE = """
+WITH sent AS (
+    SELECT date_trunc('minute', finished_at) AS minute, count(*) AS n
+    FROM outbox_attempts
+    WHERE outcome = 'sent'
+      AND finished_at >= date_trunc('minute', now()) - make_interval(mins => $1)
+    GROUP BY 1
+)
+SELECT m.minute, coalesce(s.n, 0) AS n
+FROM generate_series(date_trunc('minute', now()) - make_interval(mins => $1),
+                     date_trunc('minute', now()), interval '1 minute') AS m(minute)
+LEFT JOIN sent s USING (minute)
+ORDER BY m.minute
+"""
+
+# Rows each dispatcher holds under a lease (in the claim index: small).
+_HELD = """
+SELECT lease_owner, count(*) AS n FROM outbox
+WHERE status = 'sending' AND lease_owner IS NOT NULL
+GROUP BY lease_owner
+"""
+
+
+async def sent_per_minute(
+    conn: Connection, *, minutes: int = 60
+) -> tuple[tuple[datetime, int], ...]:
+    """Mail sent in each of the last ``minutes`` minutes (the current one last, still
+    counting), as (start of the minute, count), from ``outbox_attempts``."""
+    if not 1 <= minutes <= 24 * 60:
+        raise ValueError("minutes must be between 1 and 1440")
+    records = await conn.fetch(_SENT_PER_MINUTE, minutes - 1)
+    return tuple((r["minute"], int(r["n"])) for r in records)
+
+
+async def rows_held(conn: Connection) -> Mapping[str, int]:
+    """How many rows each dispatcher holds under a lease (status ``sending``), by name."""
+    return {r["lease_owner"]: int(r["n"]) for r in await conn.fetch(_HELD)}
+
+
 async def list_mail(
     conn: Connection,
     *,
@@ -515,10 +610,12 @@ async def list_mail(
     until: datetime | None = None,
     before: int | None = None,
     limit: int = 50,
+    key: str | None = None,
 ) -> Page:
     """Outbox rows, newest first, filtered; keyset pagination on id.
 
-    ``recipient`` matches the whole address, case-insensitively. ``since`` is inclusive,
+    ``recipient`` matches the whole address, case-insensitively; ``key`` the idempotency
+    key exactly (the one mail it made, if that is still there). ``since`` is inclusive,
     ``until`` exclusive (on ``created_at``). ``before`` is the cursor: only rows with a
     smaller id (pass the previous page's ``next_cursor``).
     """
@@ -545,6 +642,9 @@ async def list_mail(
         add("created_at < {}", until)
     if before is not None:
         add("id < {}", before)
+    if key is not None:
+        # outbox_keys' primary key names the mail: two index lookups, however large.
+        add("id = (SELECT outbox_id FROM outbox_keys WHERE key = {})", key)
     where = " AND ".join(conditions) or "true"
     values.append(limit + 1)
     records = await conn.fetch(
@@ -604,6 +704,497 @@ async def show(conn: Connection, outbox_id: int) -> MailDetail | None:
         headers=headers,
         render_error=render_error,
     )
+
+
+# --- Explaining ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a mail has not gone yet (or when and how it went), in plain words."""
+
+    outbox_id: int
+    status: str
+    #: One sentence: where the mail stands.
+    summary: str
+    #: The plain-words lines behind the summary, most important first.
+    reasons: tuple[str, ...]
+    #: When the next attempt is due (pending mail only).
+    next_attempt_at: datetime | None
+    #: The dispatcher holding its lease (sending mail only).
+    lease_owner: str | None
+    #: Whether that dispatcher still heartbeats (None: no lease).
+    owner_alive: bool | None
+    #: The last SMTP reply (code and text) or error, and how far the dialogue got.
+    last_reply: str | None
+
+
+async def hold_reasons(conn: Connection, row: MailRow) -> tuple[str, ...]:
+    """Why the operator's controls hold this mail back, one plain line each.
+
+    The hook for pauses (``outbox pause``), sending limits (``outbox limit``) and the
+    suppression list (``outbox suppress``). None of them exists yet, so nothing is held
+    back; each adds its check here, and :func:`explain` puts what it returns first (and in
+    the summary) for mail that is due.
+    """
+    return ()
+
+
+#: How far an SMTP dialogue got (``outbox_attempts.smtp_stage``), in words.
+_STAGE_WORDS: Final = {
+    "render": "while building the message",
+    "connect": "while connecting to the SMTP server",
+    "mail": "at MAIL FROM",
+    "rcpt": "at RCPT TO",
+    "data": "at DATA",
+    "end_of_data": "at the end of the message",
+}
+#: Most mails counted as due ahead of one (an explanation stays cheap in a large backlog).
+_AHEAD_MAX: Final = 10_000
+
+# The row, its lease holder's heartbeat, and the due mail ahead of it in the claim order
+# (outbox_claim_idx; counted only for due pending mail, and at most _AHEAD_MAX + 1).
+_EXPLAIN_ROW = f"""
+SELECT {_ROW_COLUMNS}, o.abandons, o.leased_at, now() AS now,
+       d.name IS NOT NULL AS owner_registered,
+       d.last_beat_at > now() - interval '{LIVE_SECONDS} seconds' AS owner_alive,
+       extract(epoch FROM now() - d.last_beat_at) AS owner_silent_for,
+       d.smtp_error AS owner_smtp_error,
+       CASE WHEN o.status = 'pending' AND o.next_attempt_at <= now() THEN (
+           SELECT count(*) FROM (
+               SELECT 1 FROM outbox q
+               WHERE q.status = 'pending' AND q.next_attempt_at < o.next_attempt_at
+               LIMIT {_AHEAD_MAX + 1}
+           ) ahead
+       ) END AS due_ahead
+FROM outbox o
+LEFT JOIN dispatchers d ON d.name = o.lease_owner
+WHERE o.id = $1
+"""
+
+# The latest attempt, and how many attempts may have been delivered without a 250 on
+# record (the reply never came, or the dispatcher vanished mid-attempt).
+_EXPLAIN_ATTEMPTS = """
+SELECT last.*, counts.unknown, counts.abandoned
+FROM (
+    SELECT count(*) FILTER (WHERE outcome = 'unknown') AS unknown,
+           count(*) FILTER (WHERE outcome = 'abandoned') AS abandoned
+    FROM outbox_attempts WHERE outbox_id = $1
+) counts
+LEFT JOIN LATERAL (
+    SELECT attempt, dispatcher, finished_at, outcome, smtp_code, smtp_reply, error,
+           lease_lost, smtp_stage
+    FROM outbox_attempts WHERE outbox_id = $1
+    ORDER BY attempt DESC, id DESC
+    LIMIT 1
+) last ON true
+"""
+
+_EXPLAIN_FLEET = f"""
+SELECT name, smtp_error, smtp_unreachable_since FROM dispatchers
+WHERE last_beat_at > now() - interval '{LIVE_SECONDS} seconds'
+ORDER BY name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """Everything an explanation is made from, read in one snapshot."""
+
+    row: MailRow
+    record: asyncpg.Record
+    attempts: asyncpg.Record
+    #: Live dispatchers: (name, SMTP error or None, unreachable since).
+    fleet: tuple[tuple[str, str | None, datetime | None], ...]
+    holds: tuple[str, ...]
+    now: datetime
+    max_attempts: int
+    max_age: float
+
+
+async def explain(
+    conn: Connection,
+    outbox_id: int,
+    *,
+    max_attempts: int | None = None,
+    max_age: float | None = None,
+) -> Explanation | None:
+    """Why mail ``outbox_id`` has not gone yet, or when and how it went; None if none.
+
+    Its state and next attempt, who holds its lease and whether that dispatcher is alive,
+    the last reply and how far the SMTP dialogue got, the attempts used against the retry
+    limits, whether any dispatcher is running and whether they can reach the SMTP server,
+    and, for mail that went, when and why. ``max_attempts`` and ``max_age`` are the
+    dispatchers' retry limits (``DISPATCHER_MAX_ATTEMPTS``, ``DISPATCHER_MAX_AGE``; their
+    defaults when not given). Read-only, in one snapshot.
+    """
+    if not 1 <= outbox_id <= MAX_ID:
+        return None
+    if conn.is_in_transaction():
+        record, attempts, fleet = await _read_explain(conn, outbox_id)
+    else:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            record, attempts, fleet = await _read_explain(conn, outbox_id)
+    if record is None:
+        return None
+    row = _mail_row(record)
+    if max_attempts is None or max_age is None:
+        from outbox.dispatcher.settings import Settings  # the dispatchers' defaults
+
+        fields = Settings.model_fields
+        if max_attempts is None:
+            max_attempts = int(fields["dispatcher_max_attempts"].default)
+        if max_age is None:
+            max_age = float(fields["dispatcher_max_age"].default)
+    facts = _Facts(
+        row=row,
+        record=record,
+        attempts=attempts,
+        fleet=tuple((r["name"], r["smtp_error"], r["smtp_unreachable_since"]) for r in fleet),
+        holds=await hold_reasons(conn, row),
+        now=record["now"],
+        max_attempts=max_attempts,
+        max_age=max_age,
+    )
+    return _explanation(facts)
+
+
+async def _read_explain(
+    conn: Connection, outbox_id: int
+) -> tuple[asyncpg.Record | None, asyncpg.Record, list[asyncpg.Record]]:
+    record = await conn.fetchrow(_EXPLAIN_ROW, outbox_id)
+    attempts = await conn.fetchrow(_EXPLAIN_ATTEMPTS, outbox_id)
+    assert attempts is not None
+    fleet = await conn.fetch(_EXPLAIN_FLEET) if record is not None else []
+    return record, attempts, fleet
+
+
+def _explanation(f: _Facts) -> Explanation:
+    row = f.row
+    if row.status == "pending":
+        summary, reasons = _explain_pending(f)
+    elif row.status == "sending":
+        summary, reasons = _explain_sending(f)
+    elif row.status == "sent":
+        summary, reasons = _explain_sent(f)
+    elif row.status == "failed":
+        summary, reasons = _explain_failed(f)
+    elif row.status == "cancelled":
+        summary, reasons = _explain_cancelled(f)
+    else:  # a status added after this code was written
+        summary, reasons = f"Mail {row.id} is {row.status}.", []
+    owner_alive = None
+    if row.lease_owner is not None:
+        owner_alive = bool(f.record["owner_alive"])
+    return Explanation(
+        outbox_id=row.id,
+        status=row.status,
+        summary=summary,
+        reasons=tuple(reasons),
+        next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+        lease_owner=row.lease_owner,
+        owner_alive=owner_alive,
+        last_reply=_last_reply(f),
+    )
+
+
+def _explain_pending(f: _Facts) -> tuple[str, list[str]]:
+    row = f.row
+    wait = (row.next_attempt_at - f.now).total_seconds()
+    due = wait <= 0
+    live = len(f.fleet)
+    unreachable = [(name, error, since) for name, error, since in f.fleet if error is not None]
+    reasons: list[str] = []
+    if due:
+        reasons.extend(_sentence(hold) for hold in f.holds)
+        late = f" for {_duration(-wait)}" if -wait >= 1 else ""
+        reasons.append(f"Pending: due now{late}.")
+    elif row.attempts == 0:
+        reasons.append(
+            f"Pending: scheduled for its first attempt at {_at(row.next_attempt_at)} ({_in(wait)})."
+        )
+    else:
+        reasons.append(f"Pending: next attempt {_in(wait)}, at {_at(row.next_attempt_at)}.")
+    reasons.extend(_last_attempt_lines(f))
+    reasons.append(_attempts_line(f))
+    ahead = f.record["due_ahead"]
+    if due and ahead:
+        if ahead > _AHEAD_MAX:
+            reasons.append(f"More than {_AHEAD_MAX:,} due mails are ahead of it in the queue.")
+        else:
+            verb = "mail is" if ahead == 1 else "mails are"
+            reasons.append(f"{ahead:,} due {verb} ahead of it in the queue.")
+    reasons.extend(_fleet_lines(f))
+
+    if due and f.holds:
+        summary = f"Mail {row.id} is due but held back: {_sentence(f.holds[0])}"
+    elif due and live == 0:
+        summary = f"Mail {row.id} is due, but no dispatcher is running to send it."
+    elif due and len(unreachable) == live:
+        summary = f"Mail {row.id} is due, but sending is paused: the SMTP server cannot be reached."
+    elif due and f.attempts["outcome"] == "unknown":
+        summary = (
+            f"Mail {row.id} may have been delivered (the reply to its last attempt never "
+            "came); it is due to be sent again, with the same Message-ID."
+        )
+    elif due:
+        summary = f"Mail {row.id} is due now and goes with the next claim of a dispatcher."
+    elif row.attempts == 0:
+        summary = f"Mail {row.id} is scheduled: its first attempt is {_in(wait)}."
+    elif f.attempts["outcome"] == "unknown":
+        summary = (
+            f"Mail {row.id} may have been delivered (the reply to its last attempt never "
+            f"came); it is sent again {_in(wait)}, with the same Message-ID."
+        )
+    else:
+        summary = (
+            f"Mail {row.id} has not gone yet: {_tries(row.attempts)} failed for now, "
+            f"and the next one is {_in(wait)}."
+        )
+    return summary, reasons
+
+
+def _explain_sending(f: _Facts) -> tuple[str, list[str]]:
+    row, record = f.row, f.record
+    owner = row.lease_owner or "?"
+    alive = bool(record["owner_alive"])
+    expired = row.lease_expires_at is not None and row.lease_expires_at <= f.now
+    claimed = ""
+    if record["leased_at"] is not None:
+        claimed = f", claimed {_ago((f.now - record['leased_at']).total_seconds())}"
+    reasons = [f"Sending: attempt {row.attempts}, by dispatcher {owner}{claimed}."]
+    if not record["owner_registered"]:
+        heartbeat = f"Dispatcher {owner} is gone: it is no longer registered."
+    else:
+        silent = _ago(float(record["owner_silent_for"]))
+        state = "alive" if alive else "gone"
+        heartbeat = f"Dispatcher {owner} is {state}: its last heartbeat was {silent}."
+    reasons.append(heartbeat)
+    if row.lease_expires_at is not None:
+        left = (row.lease_expires_at - f.now).total_seconds()
+        when = f"expired {_ago(-left)}" if expired else f"runs out {_in(left)}"
+        reasons.append(f"Its lease {when}, at {_at(row.lease_expires_at)}.")
+    if alive and not expired:
+        if record["owner_smtp_error"] is not None:
+            reasons.append(
+                f"Dispatcher {owner} reports the SMTP server unreachable "
+                f"({record['owner_smtp_error']}): it hands the mail back without using "
+                "up an attempt."
+            )
+        reasons.extend(_last_attempt_lines(f))
+        reasons.append(_attempts_line(f))
+        summary = (
+            f"Mail {row.id} is being sent right now by dispatcher {owner} (attempt {row.attempts})."
+        )
+        return summary, reasons
+    cause = f"dispatcher {owner} is gone" if not alive else "its lease expired"
+    reasons.append(
+        "It will be taken over by the next claim (the unfinished attempt is written as "
+        f"abandoned; if it got far enough it may have been delivered), or it can be "
+        f"cancelled: outbox cancel {row.id}."
+    )
+    reasons.extend(_last_attempt_lines(f))
+    reasons.append(_attempts_line(f))
+    reasons.extend(_fleet_lines(f))
+    if not f.fleet:
+        summary = f"Mail {row.id} is stuck: {cause}, and no dispatcher is running to take it over."
+    else:
+        summary = f"Mail {row.id} is stuck: {cause}; the next claim will take it over."
+    return summary, reasons
+
+
+def _explain_sent(f: _Facts) -> tuple[str, list[str]]:
+    row = f.row
+    sent_at = row.sent_at or row.updated_at
+    reply = _last_reply(f)
+    reasons = [
+        f"Sent: the SMTP server accepted it at {_at(sent_at)} "
+        f"({_ago((f.now - sent_at).total_seconds())})" + (f": {reply}." if reply else "."),
+        f"Attempts: {row.attempts}.",
+    ]
+    maybe = int(f.attempts["unknown"]) + int(f.attempts["abandoned"])
+    if maybe:
+        reasons.append(
+            f"{_tries(maybe).capitalize()} before it ended without a reply on record, so "
+            "the recipient may have more than one copy (all with the same Message-ID)."
+        )
+    summary = f"Mail {row.id} was sent {_ago((f.now - sent_at).total_seconds())}"
+    summary += f", on attempt {row.attempts}." if row.attempts else "."
+    return summary, reasons
+
+
+def _explain_failed(f: _Facts) -> tuple[str, list[str]]:
+    row, last = f.row, f.attempts
+    error = _last_error_text(row) or "no reason recorded"
+    why: str
+    if last["outcome"] == "failed" and last["smtp_stage"] == "render":
+        why = "the message could not be built, so no server could take it"
+    elif row.last_error is not None and row.last_error.startswith("gave up after"):
+        why = "the retry limits ran out"
+    elif row.last_error is not None and row.last_error.startswith("abandoned"):
+        why = (
+            "every dispatcher that took it stopped before recording an outcome, so it was "
+            "taken out of the queue"
+        )
+    elif row.last_smtp_code is not None and row.last_smtp_code >= 500:
+        why = "the SMTP server refused it permanently"
+    else:
+        why = "it could not be delivered"
+    reasons = [f"Failed at {_at(row.updated_at)}: {why}: {error}."]
+    reasons.extend(_last_attempt_lines(f))
+    reasons.append(f"Attempts: {row.attempts}.")
+    reasons.append(f"Once the cause is fixed it can be sent again: outbox retry {row.id}.")
+    summary = (
+        f"Mail {row.id} failed for good {_ago((f.now - row.updated_at).total_seconds())}: {error}."
+    )
+    return summary, reasons
+
+
+def _explain_cancelled(f: _Facts) -> tuple[str, list[str]]:
+    row = f.row
+    ago = _ago((f.now - row.updated_at).total_seconds())
+    reasons = [
+        f"Cancelled by an operator at {_at(row.updated_at)} ({ago}); it will not be sent.",
+        *_last_attempt_lines(f),
+        f"Attempts: {row.attempts}.",
+        f"Retrying it undoes the cancel: outbox retry {row.id}.",
+    ]
+    return f"Mail {row.id} was cancelled {ago} and will not be sent.", reasons
+
+
+def _last_attempt_lines(f: _Facts) -> list[str]:
+    last = f.attempts
+    if last["attempt"] is None:
+        return []
+    ago = _ago((f.now - last["finished_at"]).total_seconds())
+    by = f"attempt {last['attempt']}, {ago}, dispatcher {last['dispatcher']}"
+    lost = " (recorded after its lease was lost)" if last["lease_lost"] else ""
+    if last["outcome"] == "abandoned":
+        return [
+            f"Last attempt ({by}) was abandoned: the dispatcher stopped before recording an "
+            "outcome, so it may have been delivered."
+        ]
+    if last["outcome"] == "unknown":
+        return [
+            f"Last attempt ({by}){lost} ended without a reply: {_reply_words(last)}. Its "
+            "outcome is unknown: the server had the whole message, so it may have been "
+            "delivered; the next attempt sends it with the same Message-ID."
+        ]
+    return [f"Last reply ({by}){lost}: {_reply_words(last)}."]
+
+
+def _attempts_line(f: _Facts) -> str:
+    """The attempts used against the dispatchers' retry limits (transient failures)."""
+    row = f.row
+    used = (
+        f"none yet, of at most {f.max_attempts}"
+        if row.attempts == 0
+        else f"{row.attempts} of at most {f.max_attempts} used"
+    )
+    give_up = row.created_at + timedelta(seconds=f.max_age)
+    if give_up <= f.now:
+        return (
+            f"Attempts: {used}; it is older than the age limit ({_duration(f.max_age)}), "
+            "so if the next attempt fails, the mail fails for good."
+        )
+    left = f.max_attempts - row.attempts
+    if left <= 1:
+        return (
+            f"Attempts: {used}; the next attempt is the last: if it fails too, the mail "
+            "fails for good."
+        )
+    until = f"{_at(give_up)} at the latest ({_duration(f.max_age)} after it was queued)"
+    if row.attempts == 0:
+        return f"Attempts: {used}; a mail that keeps failing is retried until {until}."
+    return f"Attempts: {used}; it fails for good after {left} more failed attempts, or at {until}."
+
+
+def _fleet_lines(f: _Facts) -> list[str]:
+    live = len(f.fleet)
+    if live == 0:
+        return [
+            f"No dispatcher is running (none has heartbeated in the last {LIVE_SECONDS} "
+            "seconds): nothing is sent until one starts (outbox dispatcher)."
+        ]
+    unreachable = [(name, error, since) for name, error, since in f.fleet if error is not None]
+    if not unreachable:
+        return [f"{live} {'dispatcher is' if live == 1 else 'dispatchers are'} running."]
+    lines = []
+    if len(unreachable) == live:
+        lines.append(
+            "Sending is paused: every running dispatcher reports the SMTP server unreachable."
+        )
+    else:
+        lines.append(
+            f"{len(unreachable)} of {live} running dispatchers report the SMTP server "
+            "unreachable; the others send."
+        )
+    for name, error, since in unreachable:
+        when = f" since {_at(since)}" if since is not None else ""
+        lines.append(f"Dispatcher {name}: SMTP server unreachable{when}: {error}.")
+    return lines
+
+
+def _reply_words(last: asyncpg.Record) -> str:
+    """A recorded attempt's reply (code and text) or error, and how far it got."""
+    parts = [str(p) for p in (last["smtp_code"], last["smtp_reply"]) if p is not None]
+    text = " ".join(parts) if parts else None
+    if last["error"] is not None and (text is None or last["error"] != last["smtp_reply"]):
+        text = f"{text}: {last['error']}" if text else last["error"]
+    stage = _STAGE_WORDS.get(last["smtp_stage"] or "")
+    text = text or "no reply"
+    return f"{text} ({stage})" if stage else text
+
+
+def _last_reply(f: _Facts) -> str | None:
+    if f.attempts["attempt"] is not None:
+        return _reply_words(f.attempts)
+    return _last_error_text(f.row) if f.row.status != "sent" else None
+
+
+def _last_error_text(row: MailRow) -> str | None:
+    """The row's last failure: its SMTP code and error (the code once)."""
+    code, error = row.last_smtp_code, row.last_error
+    if code is None or (error is not None and str(code) in error):
+        return error
+    return f"{code} {error}" if error is not None else str(code)
+
+
+def _sentence(text: str) -> str:
+    text = text.rstrip()
+    return text if text.endswith(".") else text + "."
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _tries(n: int) -> str:
+    return "one attempt" if n == 1 else f"{n} attempts"
+
+
+def _duration(seconds: float) -> str:
+    """``12 seconds``, ``5 minutes``, ``3 hours``, ``4 days``: rounded to one unit."""
+    seconds = max(0.0, seconds)
+    if seconds < 59.5:
+        return _plural(round(seconds), "second")
+    if seconds < 59.5 * 60:
+        return _plural(round(seconds / 60), "minute")
+    if seconds < 47.5 * 3600:
+        return _plural(round(seconds / 3600), "hour")
+    return _plural(round(seconds / 86400), "day")
+
+
+def _in(seconds: float) -> str:
+    return "now" if seconds < 1 else f"in {_duration(seconds)}"
+
+
+def _ago(seconds: float) -> str:
+    return "just now" if seconds < 1 else f"{_duration(seconds)} ago"
+
+
+def _at(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # --- Changing -----------------------------------------------------------------------------
@@ -718,6 +1309,7 @@ async def prune(
     batch_size: int = 1000,
     dry_run: bool = False,
     progress: Callable[[PruneResult], None] | None = None,
+    keys_older_than: timedelta | None = None,
 ) -> PruneResult:
     """Delete old ``sent`` and ``cancelled`` rows (and ``failed`` ones if asked) in chunks.
 
@@ -726,6 +1318,11 @@ async def prune(
     ``batch_size`` rows is its own short transaction, and ``progress`` gets the running
     totals after each. ``pending`` and ``sending`` rows are never touched. With
     ``dry_run`` nothing is deleted and the result says what would be.
+
+    Idempotency keys are kept when their mail goes (a repeat of the key still finds it).
+    With ``keys_older_than`` (a window at least as long as the mail's), keys made before
+    ``now() - keys_older_than`` are deleted too, once their mail is gone: a repeat of
+    such a key then stores a new mail.
     """
     if (older_than is None) == (before is None):
         raise ValueError("give exactly one of older_than and before")
@@ -735,25 +1332,55 @@ async def prune(
         raise ValueError("batch_size must be at least 1")
     statuses = ["sent", "cancelled", *(["failed"] if include_failed else [])]
     cutoff: datetime = await conn.fetchval(_PRUNE_CUTOFF, before, older_than)
-    result = PruneResult(cutoff=cutoff, deleted=dict.fromkeys(statuses, 0), dry_run=dry_run)
+    keys_cutoff: datetime | None = None
+    if keys_older_than is not None:
+        keys_cutoff = await conn.fetchval(_PRUNE_CUTOFF, None, keys_older_than)
+        if keys_cutoff is not None and keys_cutoff > cutoff:
+            raise ValueError("keys_older_than must not be shorter than the mail's window")
+    result = PruneResult(
+        cutoff=cutoff,
+        deleted=dict.fromkeys(statuses, 0),
+        dry_run=dry_run,
+        keys_cutoff=keys_cutoff,
+    )
     if dry_run:
         deleted = dict(result.deleted)
         attempts = 0
         for r in await conn.fetch(_PRUNE_DRY_RUN, cutoff, statuses):
             deleted[r["status"]] = int(r["n"])
             attempts += int(r["attempts"])
-        return PruneResult(cutoff, deleted, attempts_deleted=attempts, dry_run=True)
-    cursor: tuple[datetime, int] = (datetime.min.replace(tzinfo=UTC), 0)
+        keys = 0
+        if keys_cutoff is not None:
+            keys = await conn.fetchval(_PRUNE_KEYS_DRY_RUN, keys_cutoff, cutoff, statuses)
+        return replace(result, deleted=deleted, attempts_deleted=attempts, keys_deleted=keys)
+    start: tuple[datetime, int] = (datetime.min.replace(tzinfo=UTC), 0)
+    cursor = start
     while True:
         async with conn.transaction():
             record = await conn.fetchrow(_PRUNE_CHUNK, *cursor, cutoff, statuses, batch_size)
         assert record is not None
         if record["last_id"] is None:
-            return result
+            break
         cursor = (record["last_created_at"], record["last_id"])
         result = _tally(result, record["statuses"], record["attempts"], batches=1)
         if progress is not None:
             progress(result)
+    cursor = start
+    while keys_cutoff is not None:
+        async with conn.transaction():
+            record = await conn.fetchrow(_PRUNE_KEYS_CHUNK, *cursor, keys_cutoff, batch_size)
+        assert record is not None
+        if record["last_id"] is None:
+            break
+        cursor = (record["last_created_at"], record["last_id"])
+        result = replace(
+            result,
+            keys_deleted=result.keys_deleted + int(record["deleted"]),
+            batches=result.batches + 1,
+        )
+        if progress is not None:
+            progress(result)
+    return result
 
 
 def _tally(
@@ -762,10 +1389,9 @@ def _tally(
     deleted = dict(result.deleted)
     for status in statuses:
         deleted[status] = deleted.get(status, 0) + 1
-    return PruneResult(
-        cutoff=result.cutoff,
+    return replace(
+        result,
         deleted=deleted,
         attempts_deleted=result.attempts_deleted + int(attempts),
         batches=result.batches + batches,
-        dry_run=result.dry_run,
     )

@@ -14,21 +14,55 @@ NOTIFY_CHANNEL = "outbox_mail"
 
 # Insert one mail and wake the dispatchers in the same statement (one round trip).
 # pg_notify runs inside the caller's transaction, so the wake-up is delivered only
-# if, and when, the mail commits.
+# if, and when, the mail commits. $9 is the enqueuing span's W3C traceparent, NULL when
+# it is not traced (dispatcher.tracing).
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()))
+                        body_text, body_html, next_attempt_at, trace_context)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9)
     RETURNING id, created_at
 )
 SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
 """
 
+# ENQUEUE under the idempotency key $9 (parameters $1..$8 as in ENQUEUE, the traceparent
+# $10): the key and the mail are stored together, or, when the key was used before,
+# nothing is stored and no row comes back (the caller then reads ENQUEUED_UNDER_KEY). The
+# primary key of outbox_keys decides: the key row is inserted first and the mail only if
+# it was. A concurrent enqueue of the same key waits on the first one's uncommitted key
+# row; if that commits, this one stores nothing, if it rolls back, it stores its own mail.
+# The mail's id is drawn from outbox's identity sequence up front so that the key row can
+# name it in the same statement (a conflict wastes one sequence value, as a rollback does).
+ENQUEUE_KEYED = """
+WITH fresh AS (
+    INSERT INTO outbox_keys (key, outbox_id, message_id)
+    VALUES ($9, nextval(pg_get_serial_sequence('outbox', 'id')), $1)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING outbox_id
+),
+inserted AS (
+    INSERT INTO outbox (id, message_id, sender, recipient, recipient_name, subject,
+                        body_text, body_html, next_attempt_at, idempotency_key, trace_context)
+    OVERRIDING SYSTEM VALUE
+    SELECT fresh.outbox_id, $1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, now()), $9,
+           $10::text
+    FROM fresh
+    RETURNING id, created_at
+)
+SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
+"""
+
+# The mail key $1 made, after ENQUEUE_KEYED found the key taken. A separate statement: in
+# READ COMMITTED it sees a key that a concurrent transaction committed while ENQUEUE_KEYED
+# waited for it, which that statement's own snapshot cannot. The mail itself may have
+# been pruned since; its key, id and Message-ID are kept.
+ENQUEUED_UNDER_KEY = "SELECT outbox_id, message_id, created_at FROM outbox_keys WHERE key = $1"
+
 # ENQUEUE fused with the business write it belongs to: one statement, so one round trip
 # and atomic without an explicit transaction. A template (see outbox.enqueue_with): {write}
 # is the caller's own constant single-row ``INSERT ... RETURNING ...`` with parameters
-# $1..$n, never user input; {m1}..{m8} become $n+1..$n+8, the mail's parameters in
+# $1..$n, never user input; {m1}..{m9} become $n+1..$n+9, the mail's parameters in
 # ENQUEUE's order. The mail is inserted once per row the write returns: a write that
 # stores nothing (ON CONFLICT DO NOTHING) queues nothing, and one that stores two rows
 # fails on the unique message_id, so a mail exists exactly when its row does.
@@ -38,9 +72,9 @@ WITH written AS (
 ),
 inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at)
+                        body_text, body_html, next_attempt_at, trace_context)
     SELECT ${m1}::text, ${m2}::text, ${m3}::text, ${m4}::text, ${m5}::text,
-           ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now())
+           ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now()), ${m9}::text
     FROM written
     RETURNING id, created_at
 )
@@ -66,6 +100,8 @@ FROM written, inserted
 # The circuit breaker: a row abandoned for the $5th time is 'failed' instead of claimed.
 # Something about it takes down every dispatcher that tries it (no mail should, but a
 # poison row must not go round the fleet forever, holding up a slot each time).
+#
+# trace_context comes back so that the dispatcher's spans continue the mail's trace.
 CLAIM = """
 WITH due AS (
     SELECT o.id, o.status AS previous_status, o.lease_owner AS previous_owner,
@@ -118,7 +154,7 @@ FROM due
 WHERE o.id = due.id AND NOT due.poisoned
 RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject,
           o.body_text, o.body_html, o.created_at, o.attempts, o.lease_token,
-          o.lease_expires_at
+          o.lease_expires_at, o.trace_context
 """
 
 # Seconds until the earliest pending mail is due (negative if one already is, NULL if

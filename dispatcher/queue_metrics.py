@@ -34,8 +34,8 @@ import asyncpg
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from dispatcher import operations
-from dispatcher.db import CONNECTION_ERRORS
+from outbox.dispatcher import operations
+from outbox.dispatcher.db import CONNECTION_ERRORS
 
 log = logging.getLogger("dispatcher.queue_metrics")
 

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        from dispatcher.startup import check_url
+        from outbox.dispatcher.startup import check_url
 
         check_url(value)  # raises ValueError with a readable message
         return value
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     @field_validator("product_name")
     @classmethod
     def _check_product_name(cls, value: str) -> str:
-        from dispatcher.addresses import unsafe_text
+        from outbox.dispatcher.addresses import unsafe_text
 
         reason = unsafe_text(value)  # it goes into the Subject header
         if reason is not None:

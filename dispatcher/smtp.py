@@ -17,8 +17,8 @@ from typing import Literal
 
 import aiosmtplib
 
-from dispatcher.message import Rendered
-from dispatcher.settings import Settings
+from outbox.dispatcher.message import Rendered
+from outbox.dispatcher.settings import Settings
 
 #: After this long unused, a connection is checked with NOOP before it carries a mail:
 #: servers drop idle clients, and a mail should not be the thing that discovers it.

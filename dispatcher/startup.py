@@ -1,13 +1,14 @@
 """The start-up check every entry point runs before it uses the database.
 
 In order: ``DATABASE_URL`` parses; the server answers; the role and the database exist;
-the schema is at the head revision of ``migrations/``. Each failure becomes one
-:class:`StartupError` whose message is one line naming the setting (or the command that
-fixes it), with the exit status the CLI uses: 2 for a configuration problem (a bad URL,
-an unknown role or database, a schema that is not at head), 1 for a database that cannot
-be reached right now. Only the second is worth retrying: ``outbox dispatcher`` waits for
-an unreachable database and stops at once on a misconfigured one; the API answers 503
-and reports the reason on ``/readyz`` for both.
+the schema is at the head revision of ``migrations/`` (shipped in this package; the
+history is kept in a version table of its own, :data:`VERSION_TABLE`). Each failure
+becomes one :class:`StartupError` whose message is one line naming the setting (or the
+command that fixes it), with the exit status the CLI uses: 2 for a configuration problem
+(a bad URL, an unknown role or database, a schema that is not at head), 1 for a database
+that cannot be reached right now. Only the second is worth retrying: ``outbox
+dispatcher`` waits for an unreachable database and stops at once on a misconfigured one;
+the API answers 503 and reports the reason on ``/readyz`` for both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.resources
 import sys
 from pathlib import Path
 from typing import Final, Literal
@@ -22,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, redact
+from outbox.dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, redact
 
 #: Exit status for a configuration problem (and for bad flags, like argparse).
 CONFIGURATION: Final = 2
@@ -30,9 +32,22 @@ CONFIGURATION: Final = 2
 UNREACHABLE: Final = 1
 #: Seconds to wait for the server when connecting.
 CONNECT_TIMEOUT: Final = 5.0
-#: Alembic's version table (one row per head revision applied).
-VERSION_TABLE: Final = "alembic_version"
-MIGRATIONS: Final = Path(__file__).resolve().parent.parent / "migrations"
+#: The outbox's Alembic version table (one row per head revision applied): a name of its
+#: own, so that an application's own Alembic history (``alembic_version``) can live in the
+#: same database.
+VERSION_TABLE: Final = "outbox_alembic_version"
+#: Where earlier versions of the outbox kept it; ``outbox migrate`` moves the row from there.
+LEGACY_VERSION_TABLE: Final = "alembic_version"
+#: The registration service's tables, which ``outbox migrate --without-registration``
+#: leaves out (the library, the dispatcher and the audit commands never use them).
+REGISTRATION_TABLES: Final = ("users", "registration_keys")
+#: The comment on :data:`VERSION_TABLE` of a database migrated without them: the choice is
+#: made when the outbox is installed and kept by every later migration.
+WITHOUT_REGISTRATION: Final = (
+    "outbox schema without the registration tables (outbox migrate --without-registration)"
+)
+#: The migrations, shipped inside the package (``outbox.migrations``).
+MIGRATIONS: Final = Path(str(importlib.resources.files("outbox.migrations")))
 
 Kind = Literal["url", "unreachable", "database", "role", "schema"]
 
@@ -162,11 +177,18 @@ def head_revisions() -> frozenset[str]:
     return _revisions()[0]
 
 
-def _schema_problem(current: set[str]) -> StartupError | None:
+def _schema_problem(current: set[str], legacy: set[str]) -> StartupError | None:
     heads, known = _revisions()
     if current == set(heads):
         return None
     need = ", ".join(sorted(heads))
+    if not current and legacy and legacy <= known:
+        return StartupError(
+            "schema",
+            f"the schema is at revision {', '.join(sorted(legacy))} (recorded in "
+            f"{LEGACY_VERSION_TABLE} by an earlier version of outbox), this version of outbox "
+            f"needs {need}: run `outbox migrate`",
+        )
     if not current:
         return StartupError(
             "schema",
@@ -186,17 +208,54 @@ def _schema_problem(current: set[str]) -> StartupError | None:
     )
 
 
-async def check_schema(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> str:
-    """The schema revision, or the :class:`StartupError` saying it is not at head."""
-    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSION_TABLE)
+# Which of the outbox's bookkeeping tables exist, and the version table's comment. The
+# names are constants of this module, passed as parameters.
+_SCHEMA_STATE = """
+SELECT to_regclass($1) IS NOT NULL AS versioned,
+       to_regclass($2) IS NOT NULL AND to_regclass('outbox') IS NOT NULL AS legacy,
+       obj_description(to_regclass($1), 'pg_class') AS note,
+       to_regclass($3) IS NOT NULL AND to_regclass($4) IS NOT NULL AS registration
+"""
+
+
+async def check_schema(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, *, registration: bool = False
+) -> str:
+    """The schema revision, or the :class:`StartupError` saying it is not at head.
+
+    With ``registration`` (the registration service's check) the database must also have
+    the registration tables, which ``outbox migrate --without-registration`` leaves out.
+    """
+    state = await conn.fetchrow(
+        _SCHEMA_STATE, VERSION_TABLE, LEGACY_VERSION_TABLE, *REGISTRATION_TABLES
+    )
+    assert state is not None  # one row, always
     current: set[str] = set()
-    if exists:
-        # The table name is our constant, never input.
+    legacy: set[str] = set()
+    if state["versioned"]:
+        # The table names are our constants, never input.
         rows = await conn.fetch(f"SELECT version_num FROM {VERSION_TABLE}")
         current = {row["version_num"] for row in rows}
-    problem = _schema_problem(current)
+    if not current and state["legacy"]:
+        rows = await conn.fetch(f"SELECT version_num FROM {LEGACY_VERSION_TABLE}")
+        legacy = {row["version_num"] for row in rows}
+    problem = _schema_problem(current, legacy)
     if problem is not None:
         raise problem
+    if registration and not state["registration"]:
+        tables = " and ".join(REGISTRATION_TABLES)
+        if state["note"] == WITHOUT_REGISTRATION:
+            raise StartupError(
+                "schema",
+                "the database was migrated with `outbox migrate --without-registration`: it "
+                f"has no {tables} tables, which the registration service needs (give `outbox "
+                "api` a database migrated without that option)",
+            )
+        raise StartupError(
+            "schema",
+            f"the registration service's tables {tables} are missing: it needs a database "
+            "migrated by `outbox migrate` without --without-registration",
+        )
     return ", ".join(sorted(current))
 
 

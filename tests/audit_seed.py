@@ -12,7 +12,7 @@ from email.headerregistry import Address
 
 import asyncpg
 
-from dispatcher.outbox import Mail, enqueue
+from outbox.dispatcher.outbox import Mail, enqueue
 
 SENDER = Address("Outbox", "noreply", "example.org")
 
@@ -25,8 +25,10 @@ async def add_mail(
     subject: str = "Welcome",
     status: str = "pending",
     age: timedelta | None = None,
+    key: str | None = None,
 ) -> int:
-    """Enqueue one mail, move it to ``status`` and backdate it by ``age``; return its id."""
+    """Enqueue one mail (under idempotency ``key``), move it to ``status`` and backdate it
+    by ``age``; return its id."""
     local, _, domain = recipient.rpartition("@")
     mail = Mail(
         recipient=Address(name, local, domain),
@@ -35,7 +37,7 @@ async def add_mail(
         body_html=f"<p>Hello {name}</p>",
     )
     async with db.acquire() as conn, conn.transaction():
-        queued = await enqueue(conn, mail, sender=SENDER)
+        queued = await enqueue(conn, mail, sender=SENDER, key=key)
     if status != "pending":
         await set_status(db, queued.id, status)
     if age is not None:
@@ -104,14 +106,16 @@ async def add_attempt(
     dispatcher: str = "worker-1",
     lease_lost: bool = False,
     ago: timedelta = timedelta(0),
+    stage: str | None = None,
 ) -> None:
-    """Write one row of attempt history."""
+    """Write one row of attempt history (``stage``: how far the SMTP dialogue got)."""
     await db.execute(
         """
         INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
-                                     outcome, smtp_code, smtp_reply, error, lease_lost)
+                                     outcome, smtp_code, smtp_reply, error, lease_lost,
+                                     smtp_stage)
         VALUES ($1, $2, $3, now() - $9::interval - interval '1 second', now() - $9::interval,
-                $4, $5, $6, $7, $8)
+                $4, $5, $6, $7, $8, $10)
         """,
         outbox_id,
         attempt,
@@ -122,6 +126,7 @@ async def add_attempt(
         error,
         lease_lost,
         ago,
+        stage,
     )
 
 

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from cli import migrate
-from cli.embedded_pg import EmbeddedPostgres
-from dispatcher.db import asyncpg_dsn
+from outbox.cli import migrate
+from outbox.cli.embedded_pg import EmbeddedPostgres
+from outbox.dispatcher.db import asyncpg_dsn
 from tests.smtp_server import SmtpServer
 
 TEMPLATE = "outbox_test_template"

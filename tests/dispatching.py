@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from opentelemetry.trace import TracerProvider
 
-from dispatcher.daemon import Dispatcher, DispatcherConfig
-from dispatcher.outbox import Enqueued, Mail, enqueue
-from dispatcher.smtp import SmtpConfig
+from outbox.dispatcher.daemon import Dispatcher, DispatcherConfig
+from outbox.dispatcher.outbox import Enqueued, Mail, enqueue
+from outbox.dispatcher.smtp import SmtpConfig
 from tests.smtp_server import SmtpServer
 
 SENDER = Address("Outbox Tests", "noreply", "example.org")
@@ -84,11 +85,12 @@ async def running_dispatcher(
     server: SmtpServer,
     name: str = "test",
     smtp: SmtpConfig | None = None,
+    tracer_provider: TracerProvider | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Dispatcher]:
     """Run an in-process dispatcher for the duration of the block, then stop it gracefully."""
     config = DispatcherConfig(name=name, **{**FAST, **overrides})
-    dispatcher = Dispatcher(config, database_url, smtp or smtp_config(server))
+    dispatcher = Dispatcher(config, database_url, smtp or smtp_config(server), tracer_provider)
     task = asyncio.create_task(dispatcher.run())
     started = asyncio.ensure_future(dispatcher.started.wait())
     done, _ = await asyncio.wait({task, started}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
@@ -126,7 +128,7 @@ def spawn_dispatcher(
         prefix=f"dispatcher-{name}-", suffix=".log", delete=False
     ) as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "dispatcher", "--name", name, *args],
+            [sys.executable, "-m", "outbox.cli.main", "dispatcher", "--name", name, *args],
             env=environ,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

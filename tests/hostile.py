@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from dispatcher.addresses import email_key, smtp_address, unsafe_text
-from dispatcher.settings import parse_address
+from outbox.dispatcher.addresses import email_key, smtp_address, unsafe_text
+from outbox.dispatcher.settings import parse_address
 
 # --- reproducible, bounded runs ---------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from cli.embedded_pg import free_port
+from outbox.cli.embedded_pg import free_port
 
 
 @dataclass

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from api.app import create_app
-from dispatcher import queries
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.dispatcher import queries
+from outbox.dispatcher.settings import Settings
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -200,6 +200,27 @@ async def test_list_rejects_bad_parameters(
     assert response.status_code == 422, response.text
     name = next(iter(params))
     assert any(error["loc"][-1] == name for error in response.json()["detail"])
+
+
+async def test_keys_are_shown_and_filter_the_list(
+    admin: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    keyed = await add_mail(db, key="welcome:1")
+    plain = await add_mail(db)
+
+    listed = await admin.get("/outbox", params={"key": "welcome:1"}, headers=AUTH)
+    assert [item["id"] for item in listed.json()["items"]] == [keyed]
+    everything = (await admin.get("/outbox", headers=AUTH)).json()["items"]
+    assert [(i["id"], i["idempotency_key"]) for i in everything] == [
+        (plain, None),
+        (keyed, "welcome:1"),
+    ]
+    shown = (await admin.get(f"/outbox/{keyed}", headers=AUTH)).json()
+    assert shown["idempotency_key"] == "welcome:1"
+    for bad in ("", "x" * 201):
+        response = await admin.get("/outbox", params={"key": bad}, headers=AUTH)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][-1] == "key"
 
 
 # --- show -----------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from api import database
-from api.database import DatabaseWatch
-from dispatcher.startup import StartupError
+from outbox.api import database
+from outbox.api.database import DatabaseWatch
+from outbox.dispatcher.startup import StartupError
 
 DOWN = StartupError("unreachable", "cannot reach the database at postgresql://h/db")
 MISSING = StartupError("database", 'invalid setting DATABASE_URL: database "db" does not exist')

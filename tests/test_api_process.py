@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from cli import migrate
-from cli.embedded_pg import free_port
+from outbox.cli import migrate
+from outbox.cli.embedded_pg import free_port
 from tests.dispatching import ROOT
 
 REGISTER = {"email": "ada@example.com", "name": "Ada"}
@@ -58,14 +58,16 @@ def _poll(what: str, check: object, timeout: float = 30) -> None:
 
 
 @contextmanager
-def api(database_url: str) -> Iterator[Api]:
-    """Run ``outbox api`` until the block ends; wait until it answers /healthz."""
+def api(database_url: str, **settings: str) -> Iterator[Api]:
+    """Run ``outbox api`` (with extra environment ``settings``, e.g. ``ADMIN_TOKEN``) until
+    the block ends; wait until it answers /healthz."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOG_", "ADMIN_"))}
     env["DATABASE_URL"] = database_url
+    env.update(settings)
     with tempfile.NamedTemporaryFile(prefix="api-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
+            [sys.executable, "-m", "outbox.cli.main", "api", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,

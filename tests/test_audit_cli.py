@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from cli.embedded_pg import free_port
-from cli.main import build_parser
-from dispatcher import queries
+from outbox.cli.embedded_pg import free_port
+from outbox.cli.main import build_parser
+from outbox.dispatcher import queries
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 DAY = timedelta(days=1)
@@ -250,6 +250,32 @@ async def test_prune(database_url: str, db: asyncpg.Pool) -> None:
     assert sorted((await statuses(db)).values()) == ["pending", "sending", "sent"]
 
 
+async def test_keys_in_show_list_and_prune(database_url: str, db: asyncpg.Pool) -> None:
+    keyed = await add_mail(db, status="sent", age=40 * DAY, key="welcome:1")
+    await add_mail(db, status="sent", key="welcome:2")
+    await add_mail(db)
+
+    shown = await outbox("show", str(keyed), database_url=database_url)
+    assert "  key           welcome:1" in shown.out.splitlines()
+    listed = json.loads(
+        (await outbox("list", "--key", "welcome:1", "--json", database_url=database_url)).out
+    )
+    assert [(r["id"], r["idempotency_key"]) for r in listed["items"]] == [(keyed, "welcome:1")]
+
+    # The mail goes after its window; its key stays, until its own (longer) one ends.
+    result = await outbox("prune", "--older-than", "30d", database_url=database_url)
+    assert result.out.startswith("deleted 1 mails (sent 1, cancelled 0)")
+    assert "idempotency keys" not in result.out
+    assert await db.fetchval("SELECT count(*) FROM outbox_keys") == 2
+    await db.execute("UPDATE outbox_keys SET created_at = now() - interval '500 days'")
+    result = await outbox(
+        "prune", "--older-than", "30d", "--keys-older-than", "400d", database_url=database_url
+    )
+    assert result.code == 0, result.err
+    assert "deleted 1 idempotency keys made before" in result.out  # welcome:2's mail is there
+    assert await db.fetchval("SELECT key FROM outbox_keys") == "welcome:2"
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -276,6 +302,10 @@ async def test_prune(database_url: str, db: asyncpg.Pool) -> None:
         (["prune", "--older-than", "30"], "--older-than"),
         (["prune", "--older-than", "forever"], "--older-than"),
         (["prune", "--older-than", "30d", "--batch-size", "-1"], "--batch-size"),
+        (["prune", "--older-than", "30d", "--keys-older-than", "7d"], "--keys-older-than"),
+        (["list", "--key", ""], "--key"),
+        (["list", "--key", "x" * 201], "--key"),
+        (["list", "--key", "a\tb"], "--key"),
     ],
 )
 async def test_bad_arguments_name_the_flag(args: list[str], flag: str) -> None:
@@ -398,7 +428,7 @@ async def test_a_closed_output_pipe_stops_quietly(database_url: str, db: asyncpg
     try:
         proc = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "cli.main", "list", "--limit", "5"],
+            [sys.executable, "-m", "outbox.cli.main", "list", "--limit", "5"],
             env={**os.environ, "DATABASE_URL": database_url, "OUTBOX_DATA_DIR": NO_DEV},
             stdout=write,
             stderr=subprocess.PIPE,

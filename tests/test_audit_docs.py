@@ -56,7 +56,7 @@ async def seed(db: asyncpg.Pool) -> Seeded:
         ago=2 * DAY + 5 * MINUTE,
     )
     await add_attempt(db, ada_old, 2, "sent", smtp_code=250, reply="2.0.0 OK", ago=2 * DAY)
-    ada_new = await add_mail(db, "ada@example.com", subject="Your receipt")
+    ada_new = await add_mail(db, "ada@example.com", subject="Your receipt", key="receipt:ada")
 
     bob = await add_mail(db, "bob@example.com", status="failed", age=DAY)
     await add_attempt(db, bob, 1, "failed", smtp_code=550, reply="5.1.1 no such user", ago=DAY)
@@ -202,6 +202,12 @@ def check_users_without_mail(rows: Rows, s: Seeded) -> None:
     assert [r["email"] for r in rows] == ["orphan@example.com"]
 
 
+def check_mail_of_a_key(rows: Rows, s: Seeded) -> None:
+    assert [(r["key"], r["outbox_id"], r["status"]) for r in rows] == [
+        ("receipt:ada", s.ada_new, "pending")
+    ]
+
+
 def check_table_health(rows: Rows, s: Seeded) -> None:
     assert [r["relname"] for r in rows] == ["outbox", "outbox_attempts"]
     assert all(r["table_size"] and r["indexes_size"] for r in rows)
@@ -219,6 +225,7 @@ CHECKS: dict[str, Callable[[Rows, Seeded], None]] = {
     "mail that failed for good this week": check_failed_this_week,
     "dispatchers and their work in the last hour": check_dispatchers,
     "users without a welcome mail": check_users_without_mail,
+    "the mail an idempotency key made": check_mail_of_a_key,
     "table health: size and dead rows": check_table_health,
 }
 

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import httpx
 
-from cli.embedded_pg import EmbeddedPostgres, free_port
+from outbox.cli.embedded_pg import EmbeddedPostgres, free_port
 from tests.dispatching import ROOT
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
@@ -208,7 +208,7 @@ def test_outbox_dev_end_to_end(tmp_path: Path) -> None:
         # Without DATABASE_URL, the audit commands find the running dev database.
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
         status = subprocess.run(
-            [sys.executable, "-m", "cli.main", "list", "--json"],
+            [sys.executable, "-m", "outbox.cli.main", "list", "--json"],
             cwd=ROOT,
             env={**env, "OUTBOX_DATA_DIR": str(data)},
             capture_output=True,

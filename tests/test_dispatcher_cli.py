@@ -15,7 +15,7 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "SMTP_"))}
     environ.update({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", **env})
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "dispatcher", *args],
+        [sys.executable, "-m", "outbox.cli.main", "dispatcher", *args],
         cwd=ROOT,
         env=environ,
         capture_output=True,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from dispatcher import queries
+from outbox.dispatcher import queries
 from tests.dispatching import enqueue_many
 
 STALE_AFTER = 6.0

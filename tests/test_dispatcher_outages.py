@@ -11,10 +11,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from cli import migrate
-from cli.embedded_pg import EmbeddedPostgres
-from dispatcher import operations as ops
-from dispatcher.db import asyncpg_dsn
+from outbox.cli import migrate
+from outbox.cli.embedded_pg import EmbeddedPostgres
+from outbox.dispatcher import operations as ops
+from outbox.dispatcher.db import asyncpg_dsn
 from tests.dispatching import enqueue_many, running_dispatcher, status_counts, wait_until
 from tests.smtp_server import SmtpServer
 

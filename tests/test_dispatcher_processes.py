@@ -224,7 +224,7 @@ async def test_metrics_port_serves_delivery_and_queue_metrics(
 ) -> None:
     import httpx
 
-    from cli.embedded_pg import free_port
+    from outbox.cli.embedded_pg import free_port
 
     port = free_port()
     await enqueue_many(db, 3)

@@ -8,9 +8,9 @@ from email.headerregistry import Address
 import asyncpg
 import pytest
 
-from dispatcher.addresses import email_key
-from dispatcher.outbox import Mail, enqueue, enqueue_with
-from dispatcher.queries import NOTIFY_CHANNEL
+from outbox.dispatcher.addresses import email_key
+from outbox.dispatcher.outbox import Mail, enqueue, enqueue_with
+from outbox.dispatcher.queries import NOTIFY_CHANNEL
 
 SENDER = Address("Outbox", "noreply", "example.org")
 INSERT_USER = (

@@ -24,10 +24,10 @@ from asgi_lifespan import LifespanManager
 from hypothesis import Phase, event, given, seed
 from hypothesis import strategies as st
 
-from api.app import create_app
-from dispatcher.addresses import email_key, smtp_address, unsafe_text
-from dispatcher.message import build_message
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.dispatcher.addresses import email_key, smtp_address, unsafe_text
+from outbox.dispatcher.message import build_message
+from outbox.dispatcher.settings import Settings
 from tests.dispatching import running_dispatcher, wait_until
 from tests.hostile import (
     ANY_TEXT,

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from api.app import create_app
-from dispatcher import queries
-from dispatcher.outbox import Enqueued, Mail, enqueue
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.dispatcher import queries
+from outbox.dispatcher.outbox import Enqueued, Mail, enqueue
+from outbox.dispatcher.settings import Settings
 from tests.dispatching import SENDER, enqueue_many, running_dispatcher, wait_until
 from tests.hostile import check_message, parse
 from tests.smtp_server import Reply, SmtpServer, long_reply

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dispatcher import logs
+from outbox.dispatcher import logs
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
-from dispatcher.addresses import smtp_address, unsafe_text
-from dispatcher.message import Rendered, build_message
-from dispatcher.outbox import Mail
+from outbox.dispatcher.addresses import smtp_address, unsafe_text
+from outbox.dispatcher.message import Rendered, build_message
+from outbox.dispatcher.outbox import Mail
 from tests.hostile import (
     ANY_CHAR,
     EMAILS,

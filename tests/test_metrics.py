@@ -11,11 +11,11 @@ import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
-from cli.embedded_pg import free_port
-from dispatcher import operations
-from dispatcher.queue_metrics import QueueCollector, QueueSample
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.cli.embedded_pg import free_port
+from outbox.dispatcher import operations
+from outbox.dispatcher.queue_metrics import QueueCollector, QueueSample
+from outbox.dispatcher.settings import Settings
 from tests.audit_seed import add_mail, backdate
 
 

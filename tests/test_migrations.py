@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
 
-from cli import migrate
-from dispatcher.addresses import email_key
-from dispatcher.db import asyncpg_dsn
+from outbox.cli import migrate
+from outbox.dispatcher.addresses import email_key
+from outbox.dispatcher.db import asyncpg_dsn
 
 PROJECT = Path(__file__).resolve().parent.parent
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))
@@ -66,8 +66,8 @@ async def _schema(url: str) -> dict[str, set[str]]:
             )
         }
         version = None
-        if "alembic_version" in tables:
-            version = await conn.fetchval("SELECT version_num FROM alembic_version")
+        if "outbox_alembic_version" in tables:
+            version = await conn.fetchval("SELECT version_num FROM outbox_alembic_version")
     finally:
         await conn.close()
     return {
@@ -112,8 +112,8 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_database(empty_database_url:
     await asyncio.to_thread(migrate.downgrade, url, "base")
     gone = await _schema(url)
     # Everything the migrations made is gone; only Alembic's (empty) bookkeeping table stays.
-    assert gone["tables"] == {"alembic_version"}
-    assert gone["indexes"] == {"alembic_version_pkc"}
+    assert gone["tables"] == {"outbox_alembic_version"}
+    assert gone["indexes"] == {"outbox_alembic_version_pkc"}
     assert gone["sequences"] == set()
     assert gone["functions"] == set()
     assert gone["types"] == set()

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from dispatcher import operations as ops
-from dispatcher import queries
-from dispatcher.db import Connection
+from outbox.dispatcher import operations as ops
+from outbox.dispatcher import queries
+from outbox.dispatcher.db import Connection
 from tests.audit_seed import (
     add_attempt,
     add_mail,
@@ -433,7 +433,7 @@ async def test_prune_rejects_bad_arguments(db: asyncpg.Pool, conn: Connection) -
 
 
 async def test_migration_0002_downgrades_and_upgrades(database_url: str, db: asyncpg.Pool) -> None:
-    from cli import migrate
+    from outbox.cli import migrate
 
     async def indexes() -> set[str]:
         rows = await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename LIKE 'outbox%'")

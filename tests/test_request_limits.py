@@ -21,10 +21,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from api.app import create_app
-from api.limits import MAX_BODY_BYTES
-from cli.embedded_pg import free_port
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.api.limits import MAX_BODY_BYTES
+from outbox.cli.embedded_pg import free_port
+from outbox.dispatcher.settings import Settings
 from tests.audit_seed import add_mail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def api_url(database_url: str) -> Iterator[str]:
     env.pop("ADMIN_TOKEN", None)
     with tempfile.NamedTemporaryFile(prefix="api-limits-", suffix=".log") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
+            [sys.executable, "-m", "outbox.cli.main", "api", "--port", str(port)],
             env=env,
             cwd=ROOT,
             stdout=log,

@@ -44,9 +44,9 @@ from schemathesis.checks import (
 )
 from schemathesis.specs.openapi.checks import ignored_auth
 
-from api.app import create_app
-from cli.embedded_pg import free_port
-from dispatcher.settings import Settings
+from outbox.api.app import create_app
+from outbox.cli.embedded_pg import free_port
+from outbox.dispatcher.settings import Settings
 from tests.conftest import TEMPLATE, PgServer, _admin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def api_url(pg_server: PgServer) -> Iterator[str]:
     env = {**os.environ, "DATABASE_URL": database_url, "ADMIN_TOKEN": TOKEN}
     with tempfile.NamedTemporaryFile(prefix="api-schemathesis-", suffix=".log") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
+            [sys.executable, "-m", "outbox.cli.main", "api", "--port", str(port)],
             env=env,
             cwd=ROOT,
             stdout=log,

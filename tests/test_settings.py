@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from dispatcher.db import asyncpg_dsn
-from dispatcher.settings import Settings
+from outbox.dispatcher.db import asyncpg_dsn
+from outbox.dispatcher.settings import Settings
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 PROJECT = Path(__file__).resolve().parent.parent
@@ -189,7 +189,7 @@ async def test_migrate_accepts_every_documented_url_form(
     done = await asyncio.to_thread(_outbox, "migrate", cwd=tmp_path, DATABASE_URL=url)
     assert done.returncode == 0, done.stderr
     assert "schema is at head" in done.stdout
-    assert {"users", "outbox", "outbox_attempts", "dispatchers", "alembic_version"} <= (
+    assert {"users", "outbox", "outbox_attempts", "dispatchers", "outbox_alembic_version"} <= (
         await _tables(empty_database_url)
     )
     # Running it again is a no-op, not an error.

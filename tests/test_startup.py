@@ -24,9 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from cli import migrate
-from cli.embedded_pg import free_port
-from dispatcher import startup
+from outbox.cli import migrate
+from outbox.cli.embedded_pg import free_port
+from outbox.dispatcher import startup
 from tests.conftest import PgServer
 from tests.dispatching import (
     ROOT,
@@ -61,7 +61,7 @@ def outbox(*args: str, timeout: float = 60, **env: str) -> Result:
     }
     environ.update(OUTBOX_DATA_DIR=NO_DEV, **env)
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "outbox.cli.main", *args],
         cwd=ROOT,
         env=environ,
         capture_output=True,
@@ -94,7 +94,7 @@ async def ahead_url(database_url: str) -> str:
     """A database migrated by a newer version of outbox (a revision this one does not know)."""
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("UPDATE alembic_version SET version_num = 'f00d_from_the_future'")
+        await conn.execute("UPDATE outbox_alembic_version SET version_num = 'f00d_from_the_future'")
     finally:
         await conn.close()
     return database_url

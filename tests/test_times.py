@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from cli import args
-from dispatcher import times
+from outbox.cli import args
+from outbox.dispatcher import times
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

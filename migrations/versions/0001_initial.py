@@ -1,5 +1,9 @@
 """Initial schema: users, outbox, outbox_attempts, dispatchers.
 
+``users`` is the registration service's table: a run without the registration tables
+(``outbox migrate --without-registration``) leaves it out, and records that choice as the
+comment of the version table, for every later migration (``outbox.migrations.history``).
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-24
@@ -9,13 +13,15 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from outbox.migrations.history import VERSION_TABLE, record_without_registration, registration
+
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def upgrade() -> None:
+def _users() -> None:
     op.execute(
         """
         CREATE TABLE users (
@@ -29,6 +35,13 @@ def upgrade() -> None:
     # Uniqueness is case-insensitive: Alice@x.org and alice@x.org are one account.
     # The API maps a violation of this index to 409, so no racy pre-check is needed.
     op.execute("CREATE UNIQUE INDEX users_email_lower_key ON users (lower(email))")
+
+
+def upgrade() -> None:
+    if registration():
+        _users()
+    else:
+        op.execute(record_without_registration())
 
     op.execute(
         """
@@ -135,4 +148,6 @@ def downgrade() -> None:
     op.execute("DROP TABLE dispatchers")
     op.execute("DROP TABLE outbox_attempts")
     op.execute("DROP TABLE outbox")
-    op.execute("DROP TABLE users")
+    if registration():
+        op.execute("DROP TABLE users")
+    op.execute(f"COMMENT ON TABLE {VERSION_TABLE} IS NULL")  # installed with or without

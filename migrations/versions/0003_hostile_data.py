@@ -19,6 +19,9 @@
   reach its SMTP server (connect, TLS, AUTH) pauses sending; its heartbeat says so, for
   ``outbox status``.
 
+Without the registration tables (``outbox migrate --without-registration``) the ``users``
+part is left out.
+
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-24
@@ -29,7 +32,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from dispatcher.addresses import email_key
+from outbox.dispatcher.addresses import email_key
+from outbox.migrations.history import registration
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -62,12 +66,13 @@ def _key_existing_users() -> None:
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE users ADD COLUMN email_key text")
-    _key_existing_users()
-    op.execute("ALTER TABLE users ALTER COLUMN email_key SET NOT NULL")
-    # The API maps a violation of this index, and only this one, to 409.
-    op.execute("CREATE UNIQUE INDEX users_email_key_key ON users (email_key)")
-    op.execute("DROP INDEX users_email_lower_key")
+    if registration():
+        op.execute("ALTER TABLE users ADD COLUMN email_key text")
+        _key_existing_users()
+        op.execute("ALTER TABLE users ALTER COLUMN email_key SET NOT NULL")
+        # The API maps a violation of this index, and only this one, to 409.
+        op.execute("CREATE UNIQUE INDEX users_email_key_key ON users (email_key)")
+        op.execute("DROP INDEX users_email_lower_key")
 
     op.execute(
         f"ALTER TABLE outbox_attempts ADD COLUMN smtp_stage text CHECK (smtp_stage IN {STAGES})"
@@ -96,6 +101,7 @@ def downgrade() -> None:
         f"CHECK (outcome IN {OUTCOMES_BEFORE})"
     )
     op.execute("ALTER TABLE outbox_attempts DROP COLUMN smtp_stage")
-    op.execute("CREATE UNIQUE INDEX users_email_lower_key ON users (lower(email))")
-    op.execute("DROP INDEX users_email_key_key")
-    op.execute("ALTER TABLE users DROP COLUMN email_key")
+    if registration():
+        op.execute("CREATE UNIQUE INDEX users_email_lower_key ON users (lower(email))")
+        op.execute("DROP INDEX users_email_key_key")
+        op.execute("ALTER TABLE users DROP COLUMN email_key")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cli import migrate
-from cli.embedded_pg import EmbeddedPostgres
+from outbox.cli import migrate
+from outbox.cli.embedded_pg import EmbeddedPostgres
 from tests.chaos import figures
 from tests.chaos.load import Load
 from tests.chaos.procs import Processes

@@ -105,7 +105,7 @@ class Processes:
         log_path = self.log_dir / f"{kind}-{name}-{len(self.all)}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *args],
+                [sys.executable, "-m", "outbox.cli.main", *args],
                 env=env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,

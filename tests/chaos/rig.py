@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
-from cli.embedded_pg import EmbeddedPostgres, free_port
-from dispatcher.addresses import email_key
-from dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn
+from outbox.cli.embedded_pg import EmbeddedPostgres, free_port
+from outbox.dispatcher.addresses import email_key
+from outbox.dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn
 from tests.chaos.load import Load
 from tests.chaos.procs import Proc, Processes, clean_environ
 from tests.chaos.smtp import ChaosSmtp, Mailbox

@@ -27,7 +27,7 @@ from typing import Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from cli.embedded_pg import free_port
+from outbox.cli.embedded_pg import free_port
 
 Mode = Literal["healthy", "slow", "flaky"]
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from dispatcher.addresses import email_key
-from dispatcher.settings import parse_address
+from outbox.dispatcher.addresses import email_key
+from outbox.dispatcher.settings import parse_address
 from tests.chaos import figures
 from tests.chaos.conftest import RATE, SEED
 from tests.chaos.load import Hostile, HostileLoad, Load, hostile_round
