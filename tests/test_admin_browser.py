@@ -41,8 +41,9 @@ HOSTILE = "<script>alert('x')</script>\"'><img src=x onerror=alert(1)>\u202egnp.
 
 
 def _find(variable: str, *names: str) -> str | None:
+    """The program named by ``variable``, else the first of ``names`` on PATH."""
     if os.environ.get(variable):
-        return os.environ[variable]
+        return shutil.which(os.environ[variable])  # None unless it exists and runs
     return next((found for name in names if (found := shutil.which(name))), None)
 
 
