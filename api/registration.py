@@ -8,7 +8,7 @@ with the original 201 instead of a 409.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -202,10 +202,12 @@ def _request_span(request: Request) -> AbstractContextManager[Span]:
 
     It is the request's span, continuing the trace of a W3C ``traceparent`` header the
     client sent; under an instrumentation that already made the request's span (e.g.
-    opentelemetry-instrumentation-fastapi), a step inside that one. A no-op without an
-    OpenTelemetry SDK.
+    opentelemetry-instrumentation-fastapi), a step inside that one. Without an
+    OpenTelemetry SDK, not even a no-op span is started (the hot path stays as it was).
     """
     tracer: Tracer = request.app.state.tracer
+    if not tracing.may_record(tracer):
+        return nullcontext(trace.INVALID_SPAN)
     if trace.get_current_span().get_span_context().is_valid:
         return tracer.start_as_current_span(
             "outbox.register", record_exception=False, set_status_on_exception=False

@@ -30,6 +30,7 @@ __all__ = [
     "SEND_SPAN",
     "claimed",
     "current_trace_context",
+    "may_record",
     "parent_context",
     "recorded",
     "send_finished",
@@ -50,6 +51,15 @@ def tracer(name: str, provider: trace.TracerProvider | None = None) -> Tracer:
     """A tracer of ``provider``, or of the global provider (late-bound: an SDK configured
     after this call is used from then on)."""
     return trace.get_tracer(name, tracer_provider=provider)
+
+
+def may_record(tracer: Tracer) -> bool:
+    """False when ``tracer`` can only make no-op spans: it is the global provider's and no
+    SDK has been configured (yet). Cheaper than starting a no-op span, for hot paths."""
+    return not (
+        isinstance(tracer, trace.ProxyTracer)
+        and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    )
 
 
 def current_trace_context() -> str | None:

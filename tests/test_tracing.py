@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from outbox.api.app import create_app
+from outbox.dispatcher import tracing
 from outbox.dispatcher.outbox import Mail, enqueue
 from outbox.dispatcher.settings import Settings
 from tests.dispatching import running_dispatcher, wait_until
@@ -270,3 +271,9 @@ async def test_without_an_sdk_nothing_is_stored_and_mail_goes(
         await until_sent(db, *ids)
     assert [await trace_context(db, i) for i in ids] == [None, None, None]
     assert len(smtp_server.received) == 3
+
+
+def test_only_a_tracer_that_may_record_costs_a_span(provider: TracerProvider) -> None:
+    assert tracing.may_record(provider.get_tracer("x"))
+    global_tracer = tracing.tracer("x")  # the global provider's, late-bound
+    assert not tracing.may_record(global_tracer)
