@@ -612,6 +612,9 @@ class Dispatcher:
 
     async def _deliver(self, connection: SmtpConnection, claim: Claim) -> None:
         """One attempt, in an ``outbox.send`` span that continues the mail's trace."""
+        if not tracing.may_record(self._tracer):  # no SDK: not even a no-op span per mail
+            self._records.put_nowait(await self._attempt(connection, claim))
+            return
         span = tracing.send_span(
             self._tracer,
             claim.row["trace_context"],
