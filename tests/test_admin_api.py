@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from outbox.api.app import create_app
 from outbox.dispatcher import queries
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -22,10 +22,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 async def _client(database_url: str, token: str | None) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(database_url=database_url, admin_token=token)  # type: ignore[arg-type]
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app) as http:
+        yield http
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from html import unescape
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from outbox.api.admin_site import pages
 from outbox.api.admin_site.chart import layout, nice_ceiling
@@ -22,6 +21,7 @@ from outbox.api.admin_site.session import FLASH_SECONDS, SESSION_SECONDS, Flash,
 from outbox.api.app import create_app
 from outbox.dispatcher.db import create_pool
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -34,10 +34,8 @@ async def _client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(database_url=database_url, admin_token=token)  # type: ignore[arg-type]
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
-            yield http
+    async with app_client(app, base_url=base_url) as http:
+        yield http
 
 
 @pytest.fixture
@@ -696,16 +694,14 @@ def test_chart_layout() -> None:
 async def test_a_database_outage_is_a_page_not_json(database_url: str) -> None:
     settings = Settings(database_url=database_url, admin_token=TOKEN)  # type: ignore[arg-type]
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url=ORIGIN) as web:
-            await _sign_in(web)
-            # Nothing listens on port 1: every query meets a refused connection.
-            await app.state.pool.close()
-            app.state.pool = await create_pool(
-                "postgresql://nobody@127.0.0.1:1/nothing", min_size=0, max_size=1
-            )
-            response = await web.get("/admin")
+    async with app_client(app, base_url=ORIGIN) as web:
+        await _sign_in(web)
+        # Nothing listens on port 1: every query meets a refused connection.
+        await app.state.pool.close()
+        app.state.pool = await create_pool(
+            "postgresql://nobody@127.0.0.1:1/nothing", min_size=0, max_size=1
+        )
+        response = await web.get("/admin")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert "Database unavailable" in response.text

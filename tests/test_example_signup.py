@@ -15,7 +15,6 @@ from email.policy import default as default_policy
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from signup import accounts
 from signup.app import create_app, engine_url
 from signup.models import create_tables
@@ -23,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from outbox.cli import migrate
 from outbox.dispatcher.db import asyncpg_dsn
+from tests.asgi import app_client
 from tests.conftest import PgServer, _admin
 from tests.dispatching import running_dispatcher, wait_until
 from tests.smtp_server import SmtpServer
@@ -81,10 +81,8 @@ async def db(app_database: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def client(app_database: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(app_database, APP_URL)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app) as http:
+        yield http
 
 
 @pytest.fixture

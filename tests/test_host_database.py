@@ -14,16 +14,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
-from asgi_lifespan import LifespanManager
 
 from outbox.cli import migrate
 from outbox.dispatcher import startup
 from outbox.dispatcher.db import asyncpg_dsn, sqlalchemy_url
 from outbox.dispatcher.outbox import Mail, enqueue
+from tests.asgi import app_client
 
 PROJECT = Path(__file__).resolve().parent.parent
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
@@ -246,11 +245,9 @@ async def test_the_registration_service_reports_the_missing_tables(
 
     await asyncio.to_thread(migrate.upgrade, empty_database_url, registration=False)
     app = create_app(Settings(database_url=empty_database_url))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            ready = await http.get("/readyz")
-            register = await http.post("/register", json={"email": "a@example.org", "name": "A"})
+    async with app_client(app) as http:
+        ready = await http.get("/readyz")
+        register = await http.post("/register", json={"email": "a@example.org", "name": "A"})
     assert ready.status_code == 503
     assert ready.json()["database"] == "misconfigured"
     assert "--without-registration" in ready.json()["reason"]

@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from hypothesis import Phase, event, given, seed
 from hypothesis import strategies as st
 
@@ -28,6 +27,7 @@ from outbox.api.app import create_app
 from outbox.dispatcher.addresses import email_key, smtp_address, unsafe_text
 from outbox.dispatcher.message import build_message
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.dispatching import running_dispatcher, wait_until
 from tests.hostile import (
     ANY_TEXT,
@@ -55,10 +55,8 @@ def _show_seed(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(database_url=database_url, mail_from=MAIL_FROM))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app, raise_app_exceptions=False) as http:
+        yield http
 
 
 @pytest.fixture

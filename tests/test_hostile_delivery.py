@@ -14,12 +14,12 @@ from email.headerregistry import Address
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from outbox.api.app import create_app
 from outbox.dispatcher import queries
 from outbox.dispatcher.outbox import Enqueued, Mail, enqueue
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.dispatching import SENDER, enqueue_many, running_dispatcher, wait_until
 from tests.hostile import check_message, parse
 from tests.smtp_server import Reply, SmtpServer, long_reply
@@ -30,10 +30,8 @@ MAIL_FROM = "Outbox <hello@example.org>"
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(database_url=database_url, mail_from=MAIL_FROM))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app, raise_app_exceptions=False) as http:
+        yield http
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from outbox.cli import migrate
 from outbox.cli.embedded_pg import EmbeddedPostgres, free_port
 from outbox.dispatcher.addresses import email_key
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 
 MAIL_FROM = "Outbox <hello@example.org>"
 MESSAGE_ID = re.compile(r"<[^<>@\s]+@example\.org>")
@@ -30,11 +31,8 @@ MESSAGE_ID = re.compile(r"<[^<>@\s]+@example\.org>")
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(database_url=database_url, mail_from=MAIL_FROM))
-    async with LifespanManager(app) as manager:
-        # raise_app_exceptions=False: see what a real client gets when the app fails.
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app, raise_app_exceptions=False) as http:
+        yield http
 
 
 async def _counts(db: asyncpg.Pool) -> tuple[int, int]:

@@ -19,12 +19,12 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from outbox.api.app import create_app
 from outbox.api.limits import MAX_BODY_BYTES
 from outbox.cli.embedded_pg import free_port
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.audit_seed import add_mail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +37,8 @@ CHUNK = 64 * 1024
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(database_url=database_url, admin_token=TOKEN)  # type: ignore[arg-type]
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app, raise_app_exceptions=False) as http:
+        yield http
 
 
 async def _counts(db: asyncpg.Pool) -> tuple[int, int]:

@@ -14,7 +14,6 @@ from email.headerregistry import Address
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,6 +24,7 @@ from outbox.api.app import create_app
 from outbox.dispatcher import tracing
 from outbox.dispatcher.outbox import Mail, enqueue
 from outbox.dispatcher.settings import Settings
+from tests.asgi import app_client
 from tests.dispatching import running_dispatcher, wait_until
 from tests.smtp_server import Reply, SmtpServer
 
@@ -52,10 +52,8 @@ async def client(
     database_url: str, provider: TracerProvider | None
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(database_url=database_url), tracer_provider=provider)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with app_client(app) as http:
+        yield http
 
 
 async def register(http: httpx.AsyncClient, email: str, **headers: str) -> int:
