@@ -340,13 +340,23 @@ class Rig:
 
         return await wait_until(drained, timeout=timeout, interval=0.2, what="the outbox to drain")
 
+    _SESSIONS = (
+        "FROM pg_stat_activity WHERE datname = current_database() AND "
+        "(application_name LIKE 'outbox-dispatcher:%' OR application_name LIKE 'outbox-listener:%')"
+    )
+
+    async def wait_for_sessions(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` dispatcher and listener sessions are connected (after a
+        restart, listeners come back only when their next probe notices the loss)."""
+        deadline = time.monotonic() + timeout
+        while await self.db.fetchval(f"SELECT count(*) {self._SESSIONS}") < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} dispatcher sessions after {timeout}s")
+            await asyncio.sleep(0.1)
+
     async def terminate_backends(self) -> int:
         """pg_terminate_backend on every dispatcher and listener session of this database."""
-        rows = await self.db.fetch(
-            "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
-            "WHERE datname = current_database() AND (application_name LIKE 'outbox-dispatcher:%'"
-            " OR application_name LIKE 'outbox-listener:%')"
-        )
+        rows = await self.db.fetch(f"SELECT pg_terminate_backend(pid) AS ok {self._SESSIONS}")
         return sum(1 for r in rows if r["ok"])
 
     # --- the reckoning ---------------------------------------------------------------------

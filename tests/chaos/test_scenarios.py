@@ -244,6 +244,7 @@ async def test_postgres_restart_and_terminated_connections(make_rig: MakeRig, ca
     terminated, restarts, down_for = [], [], []
     for hold_down in (3.0, 0.0):
         await asyncio.sleep(4)
+        await rig.wait_for_sessions(6)  # 3 pools + 3 listeners, back after the last restart
         terminated.append(await rig.terminate_backends())
         await asyncio.sleep(4)
         stopping = time.monotonic()
