@@ -28,8 +28,8 @@ import asyncpg
 import pytest
 
 from outbox.dispatcher.db import asyncpg_dsn
+from tests.api_process import Api, api
 from tests.audit_seed import SENDER
-from tests.test_api_process import Api, api
 
 pytestmark = pytest.mark.browser
 

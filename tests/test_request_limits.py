@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,8 +18,8 @@ import pytest
 
 from outbox.api.app import create_app
 from outbox.api.limits import MAX_BODY_BYTES
-from outbox.cli.embedded_pg import free_port
 from outbox.dispatcher.settings import Settings
+from tests.api_process import api
 from tests.asgi import app_client
 from tests.audit_seed import add_mail
 
@@ -160,33 +156,8 @@ async def test_every_endpoint_refuses_a_large_body(
 @pytest.fixture
 def api_url(database_url: str) -> Iterator[str]:
     """A real ``outbox api`` process on the test's database."""
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url}
-    env.pop("ADMIN_TOKEN", None)
-    with tempfile.NamedTemporaryFile(prefix="api-limits-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox.cli.main", "api", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, Path(log.name).read_text()
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "the API did not become ready"
-                time.sleep(0.05)
-            yield url
-        finally:
-            proc.kill()
-            proc.wait(10)
+    with api(database_url, ready="/readyz") as running:
+        yield running.url
 
 
 def _post(url: str, content: object, **headers: str) -> tuple[httpx.Response, float]:

@@ -23,10 +23,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +41,8 @@ from schemathesis.checks import (
 from schemathesis.specs.openapi.checks import ignored_auth
 
 from outbox.api.app import create_app
-from outbox.cli.embedded_pg import free_port
 from outbox.dispatcher.settings import Settings
+from tests.api_process import api
 from tests.conftest import TEMPLATE, PgServer, _admin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,42 +112,19 @@ def api_url(pg_server: PgServer) -> Iterator[str]:
     name = f"outbox_schemathesis_{os.getpid()}"
     database_url = pg_server.url(name)
     asyncio.run(_admin(pg_server.admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "ADMIN_TOKEN": TOKEN}
-    with tempfile.NamedTemporaryFile(prefix="api-schemathesis-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox.cli.main", "api", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, Path(log.name).read_text()
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "the API did not become ready"
-                time.sleep(0.1)
-            for i in range(3):
-                body = {"email": f"seed-{i}@example.com", "name": f"Seed {i}"}
-                assert httpx.post(f"{url}/register", json=body).status_code == 201
-            asyncio.run(_seed(database_url))
-            yield url
-        finally:
-            proc.kill()
-            proc.wait(10)
-            errors = [
-                line
-                for line in Path(log.name).read_text().splitlines()
-                if '"level": "error"' in line
-            ]
-            asyncio.run(_admin(pg_server.admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    errors: list[str] = []
+    try:
+        with api(database_url, ready="/readyz", ADMIN_TOKEN=TOKEN) as running:
+            try:
+                for i in range(3):
+                    body = {"email": f"seed-{i}@example.com", "name": f"Seed {i}"}
+                    assert httpx.post(f"{running.url}/register", json=body).status_code == 201
+                asyncio.run(_seed(database_url))
+                yield running.url
+            finally:
+                errors = [line for line in running.log().splitlines() if '"level": "error"' in line]
+    finally:
+        asyncio.run(_admin(pg_server.admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     assert not errors, "\n".join(errors[:5])
 
 
