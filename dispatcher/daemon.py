@@ -35,7 +35,7 @@ from outbox.dispatcher.backoff import full_jitter
 from outbox.dispatcher.db import CONNECTION_ERRORS, asyncpg_dsn, create_pool
 from outbox.dispatcher.message import build_message
 from outbox.dispatcher.settings import Settings
-from outbox.dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict
+from outbox.dispatcher.smtp import SendResult, SmtpConfig, SmtpConnection, Verdict, describe
 
 log = logging.getLogger("dispatcher")
 
@@ -597,7 +597,7 @@ class Dispatcher:
                         extra={**claim.fields, "dispatcher": self.config.name},
                     )
                     now = datetime.now(UTC)
-                    result = SendResult(Verdict.TRANSIENT, error=_describe(exc))
+                    result = SendResult(Verdict.TRANSIENT, error=describe(exc))
                     retry_in = full_jitter(
                         claim.attempt, self.config.retry_base, self.config.retry_cap
                     )
@@ -663,7 +663,7 @@ class Dispatcher:
         except Exception as exc:  # a row no server could take: never retried, never fatal
             result = SendResult(
                 Verdict.PERMANENT,
-                error=f"cannot render the message: {_describe(exc)}",
+                error=f"cannot render the message: {describe(exc)}",
                 stage="render",
             )
             return self._decide(claim, result, started_at)
@@ -679,7 +679,7 @@ class Dispatcher:
                 exc_info=exc,
                 extra={**claim.fields, "dispatcher": self.config.name},
             )
-            result = _broken(connection, f"unexpected error: {_describe(exc)}")
+            result = _broken(connection, f"unexpected error: {describe(exc)}")
         metrics.SEND_SECONDS.observe(time.perf_counter() - clock)
         self._note_smtp_health(result)
         if result.connection_problem and result.stage == "connect":
@@ -865,10 +865,6 @@ def _broken(connection: SmtpConnection, error: str) -> SendResult:
 
 def _smtp_error(result: SendResult) -> str:
     return result.error or f"{result.smtp_code} {result.smtp_reply}"
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _clip(text: str | None, limit: int = 1000) -> str | None:

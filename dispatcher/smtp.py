@@ -175,7 +175,7 @@ class SmtpConnection:
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             self.close()
             return SendResult(
-                Verdict.TRANSIENT, error=_describe(exc), connection_problem=True, stage="connect"
+                Verdict.TRANSIENT, error=describe(exc), connection_problem=True, stage="connect"
             )
         options: list[bytes] = []
         if message.smtputf8:
@@ -215,7 +215,7 @@ class SmtpConnection:
             self.close()
             verdict = Verdict.UNKNOWN if self.stage == "end_of_data" else Verdict.TRANSIENT
             return SendResult(
-                verdict, error=_describe(exc), connection_problem=True, stage=self.stage
+                verdict, error=describe(exc), connection_problem=True, stage=self.stage
             )
         finally:
             self._last_used = time.monotonic()
@@ -279,6 +279,7 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, bounded (for attempts and logs)."""
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}"[:500]

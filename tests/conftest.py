@@ -124,6 +124,16 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 
 @pytest.fixture
+def smtputf8_server() -> Iterator[SmtpServer]:
+    """A real SMTP server that offers SMTPUTF8 (RFC 6531)."""
+    server = SmtpServer(enable_SMTPUTF8=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 async def empty_database_url(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh database with no schema at all (for migration and start-up tests)."""
     name = f"outbox_empty_{os.getpid()}_{next(_counter)}"

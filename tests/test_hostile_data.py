@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -57,16 +57,6 @@ async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(database_url=database_url, mail_from=MAIL_FROM))
     async with app_client(app, raise_app_exceptions=False) as http:
         yield http
-
-
-@pytest.fixture
-def smtputf8_server() -> Iterator[SmtpServer]:
-    """An aiosmtpd server that offers SMTPUTF8."""
-    server = SmtpServer(enable_SMTPUTF8=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _register(client: httpx.AsyncClient, email: str, name: str) -> httpx.Response:

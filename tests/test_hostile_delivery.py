@@ -35,16 +35,6 @@ async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def smtputf8_server() -> Iterator[SmtpServer]:
-    """A server offering SMTPUTF8 (RFC 6531)."""
-    server = SmtpServer(enable_SMTPUTF8=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def ascii_server() -> Iterator[SmtpServer]:
     """A server that does not offer SMTPUTF8."""
     server = SmtpServer(enable_SMTPUTF8=False).start()
