@@ -75,10 +75,11 @@ from outbox.dispatcher.message import build_message  # noqa: E402
 from outbox.dispatcher.settings import parse_address  # noqa: E402
 
 PREFILL = """
-INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject, body_text,
-                    body_html)
+INSERT INTO outbox (message_id, sender, recipient, recipient_domain, recipient_key,
+                    recipient_name, subject, body_text, body_html)
 SELECT format('<bench-%s-%s@example.com>', $2::text, i), 'Outbox <noreply@example.com>',
-       format('user-%s@example.com', i), format('User %s', i),
+       format('user-%s@example.com', i), 'example.com', format('user-%s@example.com', i),
+       format('User %s', i),
        format('Welcome to Outbox, User %s!', i),
        format(E'Hello User %s,\\n\\nthank you for registering with Outbox.\\n', i),
        format('<!doctype html><p>Hello User %s,</p><p>thank you for registering.</p>', i)
@@ -99,7 +100,9 @@ class Sink:
     #: Which server bench/sink.py runs (--sink).
     server = "lean"
 
-    def __init__(self, workdir: Path, delay: float = 0.0, fail_rate: float = 0.0) -> None:
+    def __init__(
+        self, workdir: Path, delay: float = 0.0, fail_rate: float = 0.0, *extra: str
+    ) -> None:
         self.port = free_port()
         self.log = Path(tempfile.mktemp(dir=workdir, suffix=".sink"))  # noqa: S306
         self.proc = subprocess.Popen(
@@ -116,6 +119,7 @@ class Sink:
                 str(fail_rate),
                 "--server",
                 self.server,
+                *extra,
             ],
             stdout=subprocess.PIPE,
         )
@@ -124,16 +128,20 @@ class Sink:
 
     def stop(self) -> tuple[list[tuple[float, str]], int]:
         """Stop the sink; return (accept time, Message-ID) per mail and the 451 count."""
-        self.proc.terminate()
-        self.proc.wait(30)
         accepted, refused = [], 0
-        for line in self.log.read_text().splitlines():
+        for line in self.stop_lines():
             if line.startswith("# refused"):
                 refused = int(line.split()[-1])
             elif not line.startswith("#"):
-                at, message_id = line.split(" ", 1)
+                at, message_id = line.split(" ", 2)[:2]
                 accepted.append((float(at), message_id))
         return accepted, refused
+
+    def stop_lines(self) -> list[str]:
+        """Stop the sink; the lines of its log (see bench/sink.py)."""
+        self.proc.terminate()
+        self.proc.wait(30)
+        return self.log.read_text().splitlines()
 
 
 def dispatcher_env(url: str, sink: Sink, **extra: str) -> dict[str, str]:

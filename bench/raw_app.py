@@ -30,8 +30,8 @@ INSERT_USER = (
 INSERT_MAIL = """
 WITH inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                        body_text, body_html, next_attempt_at, recipient_domain, recipient_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9)
     RETURNING id
 )
 SELECT id, pg_notify('outbox_mail', '') AS _ FROM inserted
@@ -65,10 +65,20 @@ def create_app() -> FastAPI:
         text = f"Hello {name},\n\nyour account ({email}) is ready.\n"
         html = f"<p>Hello {escape(name)},</p><p>your account ({escape(email)}) is ready.</p>"
         pool: asyncpg.Pool = request.app.state.pool
+        key = email_key(email)
         async with pool.acquire() as conn, conn.transaction():
-            user = await conn.fetchrow(INSERT_USER, email, email_key(email), name)
+            user = await conn.fetchrow(INSERT_USER, email, key, name)
             mail = await conn.fetchrow(
-                INSERT_MAIL, message_id, SENDER, email, name, subject, text, html
+                INSERT_MAIL,
+                message_id,
+                SENDER,
+                email,
+                name,
+                subject,
+                text,
+                html,
+                key.rpartition("@")[2],
+                key,
             )
         return JSONResponse(
             {

@@ -72,6 +72,8 @@ COLUMNS = [
     "body_text",
     "body_html",
     "next_attempt_at",
+    "recipient_domain",
+    "recipient_key",
 ]
 LEASE_SECONDS = 60.0
 HEARTBEAT_SECONDS = 10.0
@@ -142,6 +144,8 @@ async def enqueue_chunk(conn: asyncpg.Connection, start: int, count: int) -> dat
                 BODY_TEXT.format(name=name, email=email),
                 BODY_HTML.format(name=name, email=email),
                 now,
+                "example.com",
+                email,
             )
         )
     async with conn.transaction():

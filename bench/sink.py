@@ -1,12 +1,18 @@
 """A benchmark SMTP sink in its own process, that counts and timestamps mail.
 
     python bench/sink.py --port 2525 --log accepted.txt [--delay 0.2] [--fail-rate 0.1]
-                         [--server lean|aiosmtpd]
+                         [--server lean|aiosmtpd] [--domain-delay D=SECONDS ...]
+                         [--domain-rate D=PER_SECOND ...]
 
-Each accepted message adds a line ``<unix time> <Message-ID>`` to the log, written when
-the process gets SIGTERM (nothing is written during the run, so the sink stays cheap).
+Each accepted message adds a line ``<unix time> <Message-ID> <recipient domain>`` to the
+log, written when the process gets SIGTERM (nothing is written during the run, so the
+sink stays cheap), followed by ``# inflight D N`` (the most messages of domain D the sink
+held at once, from RCPT to the reply to their data) and ``# throttled D N`` lines.
 ``--delay`` holds every DATA reply that long; ``--fail-rate`` answers 451 to that share
-of messages (chosen at random).
+of messages (chosen at random). Per domain (lean server only): ``--domain-delay`` holds
+its DATA replies that long, and ``--domain-rate`` makes the sink behave like a provider
+that limits a sender: a RCPT for D beyond that many in the last second gets
+``421 4.7.0 too many messages, slow down``.
 
 ``--server lean`` (the default) speaks just enough SMTP for the benchmark's clients
 (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT; every envelope accepted) in one
@@ -24,6 +30,7 @@ import random
 import re
 import signal
 import time
+from collections import Counter, deque
 from pathlib import Path
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
@@ -32,19 +39,51 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 class Handler:
     """Decides each message's reply and remembers what was accepted."""
 
-    def __init__(self, delay: float, fail_rate: float) -> None:
+    def __init__(
+        self,
+        delay: float,
+        fail_rate: float,
+        domain_delay: dict[str, float] | None = None,
+        domain_rate: dict[str, float] | None = None,
+    ) -> None:
         self.delay = delay
         self.fail_rate = fail_rate
-        self.accepted: list[tuple[float, bytes]] = []
+        self.domain_delay = domain_delay or {}
+        self.domain_rate = domain_rate or {}
+        self.accepted: list[tuple[float, bytes, str]] = []
         self.refused = 0
+        self.inflight: Counter[str] = Counter()
+        self.inflight_max: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter()
+        self._recent: dict[str, deque[float]] = {}
 
-    def reply(self, content: bytes) -> str:
+    def rcpt(self, domain: str) -> bytes:
+        """The reply to RCPT TO for a mailbox at ``domain``."""
+        limit = self.domain_rate.get(domain)
+        if limit is not None:
+            now = time.monotonic()
+            recent = self._recent.setdefault(domain, deque())
+            while recent and recent[0] <= now - 1.0:
+                recent.popleft()
+            if len(recent) >= limit:
+                self.throttled[domain] += 1
+                return b"421 4.7.0 too many messages, slow down\r\n"
+            recent.append(now)
+        self.inflight[domain] += 1
+        self.inflight_max[domain] = max(self.inflight_max[domain], self.inflight[domain])
+        return b"250 2.1.5 OK\r\n"
+
+    def done(self, domain: str) -> None:
+        """The message for ``domain`` was answered or abandoned."""
+        self.inflight[domain] -= 1
+
+    def reply(self, content: bytes, domain: str = "-") -> str:
         """The reply to a complete message (called once any delay has passed)."""
         if self.fail_rate and random.random() < self.fail_rate:
             self.refused += 1
             return "451 4.3.0 please try again"
         match = _MESSAGE_ID.search(content, 0, 4096)
-        self.accepted.append((time.time(), match.group(1) if match else b"-"))
+        self.accepted.append((time.time(), match.group(1) if match else b"-", domain))
         return "250 2.0.0 OK"
 
     # aiosmtpd's handler hook
@@ -72,6 +111,8 @@ class LeanSmtp(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.in_data = False
+        #: The recipient domain of the message in progress ("" before RCPT).
+        self.domain = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -90,18 +131,31 @@ class LeanSmtp(asyncio.Protocol):
                 content = bytes(self.buffer[: end + 2 if end else 0])
                 del self.buffer[:skip]
                 self.in_data = False
-                if self.handler.delay:
+                domain, self.domain = self.domain, ""
+                delay = self.handler.domain_delay.get(domain, self.handler.delay)
+                if delay:
                     loop = asyncio.get_running_loop()
-                    loop.call_later(self.handler.delay, self._answer, content)
+                    loop.call_later(delay, self._answer, content, domain)
                 else:
-                    self._answer(content)
+                    self._answer(content, domain)
                 continue
             end = self.buffer.find(b"\r\n")
             if end < 0:
                 return
             verb = bytes(self.buffer[:4]).upper()
+            line = bytes(self.buffer[:end])
             del self.buffer[: end + 2]
-            if verb == b"EHLO":
+            if verb == b"RCPT":
+                domain = line.rpartition(b"@")[2].split(b">")[0].decode(errors="replace").lower()
+                reply = self.handler.rcpt(domain)
+                if reply.startswith(b"250"):
+                    self.domain = domain
+                self.transport.write(reply)
+            elif verb == b"RSET" and self.domain:
+                self.handler.done(self.domain)
+                self.domain = ""
+                self.transport.write(_REPLIES[verb])
+            elif verb == b"EHLO":
                 self.transport.write(_EHLO)
             elif verb == b"DATA":
                 self.in_data = True
@@ -113,12 +167,24 @@ class LeanSmtp(asyncio.Protocol):
             else:
                 self.transport.write(_REPLIES.get(verb, b"500 5.5.2 command not recognized\r\n"))
 
-    def _answer(self, content: bytes) -> None:
+    def _answer(self, content: bytes, domain: str) -> None:
+        if domain:
+            self.handler.done(domain)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.handler.reply(content).encode() + b"\r\n")
+            self.transport.write(self.handler.reply(content, domain).encode() + b"\r\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.domain:
+            self.handler.done(self.domain)
+            self.domain = ""
         self.transport = None
+
+
+def _per_domain(values: list[str], flag: str) -> dict[str, float]:
+    try:
+        return {d.lower(): float(v) for d, _, v in (item.partition("=") for item in values)}
+    except ValueError:
+        raise SystemExit(f"{flag}: expected DOMAIN=NUMBER") from None
 
 
 async def main() -> None:
@@ -128,8 +194,15 @@ async def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--server", choices=("lean", "aiosmtpd"), default="lean")
+    parser.add_argument("--domain-delay", action="append", default=[], metavar="D=SECONDS")
+    parser.add_argument("--domain-rate", action="append", default=[], metavar="D=PER_SECOND")
     ns = parser.parse_args()
-    handler = Handler(ns.delay, ns.fail_rate)
+    handler = Handler(
+        ns.delay,
+        ns.fail_rate,
+        _per_domain(ns.domain_delay, "--domain-delay"),
+        _per_domain(ns.domain_rate, "--domain-rate"),
+    )
     loop = asyncio.get_running_loop()
     if ns.server == "aiosmtpd":
         from aiosmtpd.smtp import SMTP
@@ -148,8 +221,12 @@ async def main() -> None:
     await stop.wait()
     server.close()
     with ns.log.open("wb") as out:
-        for at, message_id in handler.accepted:
-            out.write(f"{at:.6f} ".encode() + message_id + b"\n")
+        for at, message_id, domain in handler.accepted:
+            out.write(f"{at:.6f} ".encode() + message_id + f" {domain}\n".encode())
+        for domain, most in sorted(handler.inflight_max.items()):
+            out.write(f"# inflight {domain} {most}\n".encode())
+        for domain, count in sorted(handler.throttled.items()):
+            out.write(f"# throttled {domain} {count}\n".encode())
         out.write(f"# refused {handler.refused}\n".encode())
 
 

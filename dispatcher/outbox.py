@@ -29,7 +29,7 @@ from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
 from outbox.dispatcher import queries, tracing
-from outbox.dispatcher.addresses import ascii_domain, smtp_address, unsafe_text
+from outbox.dispatcher.addresses import ascii_domain, email_key, smtp_address, unsafe_text
 from outbox.dispatcher.db import Connection
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 Executor: TypeAlias = "Connection | asyncpg.Pool | AsyncSession | AsyncConnection"
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "MAX_KEY_LENGTH",
     "Enqueued",
     "Executor",
@@ -54,6 +55,9 @@ __all__ = [
 
 #: Longest idempotency key, in characters (checked by the database too).
 MAX_KEY_LENGTH: Final = 200
+
+#: The priority of mail enqueued without one: 0 is the most urgent, 9 the least.
+DEFAULT_PRIORITY: Final = 5
 
 _ASYNCPG_TYPES: Final = (asyncpg.Connection, PoolConnectionProxy, asyncpg.Pool)
 
@@ -186,6 +190,14 @@ def _sender(sender: Address | str | None) -> Address:
     return sender
 
 
+def _check_priority(priority: int) -> None:
+    # bool is an int, but True is no priority anyone means.
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise ValueError(
+            f"priority must be a whole number from 0 (most urgent) to 9, got {priority!r}"
+        )
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError(f"key must be a str, got {type(key).__name__}")
@@ -235,8 +247,10 @@ async def _fetchrow(conn: Executor, statement: str, args: tuple[object, ...]) ->
 
 
 def _mail_params(
-    mail: Mail, sender: Address, not_before: datetime | None
+    mail: Mail, sender: Address, not_before: datetime | None, priority: int
 ) -> tuple[str, tuple[object, ...]]:
+    """The Message-ID, and the mail's parameters $1..$11 of ENQUEUE (in its order)."""
+    _check_priority(priority)
     # 128 random bits from the OS (email.utils.make_msgid draws on the global `random`
     # module, which an app or a test may seed); the domain is the sender's, as ASCII.
     message_id = f"<{secrets.token_hex(16)}@{ascii_domain(sender.domain)}>"
@@ -250,6 +264,10 @@ def _mail_params(
         mail.body_text,
         mail.body_html,
         not_before,
+        priority,
+        # The scope of the recipient's domain limits, and its suppression-list key.
+        ascii_domain(recipient.domain),
+        email_key(recipient.addr_spec),
     )
 
 
@@ -259,6 +277,7 @@ async def enqueue(
     *,
     sender: Address | str | None = None,
     key: str | None = None,
+    priority: int = DEFAULT_PRIORITY,
     not_before: datetime | None = None,
 ) -> Enqueued:
     """Store ``mail`` in the outbox on ``conn`` and notify the dispatchers at commit.
@@ -267,7 +286,8 @@ async def enqueue(
     SQLAlchemy: the session's or connection's transaction, begun here if none is): the
     mail is stored and the dispatchers are woken when that commits, and a rollback leaves
     nothing behind. One statement, one round trip. ``sender`` defaults to
-    :func:`default_sender`; ``not_before`` delays the first attempt.
+    :func:`default_sender`; ``not_before`` delays the first attempt. ``priority`` orders
+    the due mail: 0 (most urgent) to 9, 5 by default; ValueError for anything else.
 
     With ``key`` (1 to 200 characters of plain text, e.g. ``"welcome:42"``) the mail is
     stored once per key, ever: if the key was used before, nothing is stored and the
@@ -283,7 +303,7 @@ async def enqueue(
     When an OpenTelemetry SDK records the current span, its trace context is stored with
     the mail, and the dispatcher's ``outbox.send`` span continues that trace.
     """
-    message_id, params = _mail_params(mail, _sender(sender), not_before)
+    message_id, params = _mail_params(mail, _sender(sender), not_before, priority)
     # The caller's trace continues in the dispatcher (NULL when the span is not recorded).
     trace_context = tracing.current_trace_context()
     if key is None:
@@ -307,7 +327,7 @@ async def enqueue(
 
 @lru_cache(maxsize=64)
 def _fused(write: str, write_params: int) -> str:
-    numbers = {f"m{i}": write_params + i for i in range(1, 10)}
+    numbers = {f"m{i}": write_params + i for i in range(1, 13)}
     return queries.ENQUEUE_WITH.format(write=write.strip().rstrip(";"), **numbers)
 
 
@@ -318,6 +338,7 @@ async def enqueue_with(
     mail: Mail,
     *,
     sender: Address | str | None = None,
+    priority: int = DEFAULT_PRIORITY,
     not_before: datetime | None = None,
 ) -> tuple[Record, Enqueued] | None:
     """Run ``write`` and enqueue ``mail`` in one statement: the mail exists iff the row does.
@@ -329,8 +350,9 @@ async def enqueue_with(
     transaction it joins it). Returns the written row (its RETURNING columns) and what was
     enqueued, or None when ``write`` stored nothing (``ON CONFLICT DO NOTHING``); an error
     of ``write`` (a unique violation, say) is raised as it is, with nothing stored.
+    ``priority`` as in :func:`enqueue`.
     """
-    message_id, params = _mail_params(mail, _sender(sender), not_before)
+    message_id, params = _mail_params(mail, _sender(sender), not_before, priority)
     row = await conn.fetchrow(
         _fused(write, len(write_args)),
         *write_args,

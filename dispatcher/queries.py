@@ -6,47 +6,61 @@ Only a claim moves a row into ``sending``, and every later change of a ``sending
 guarded by the lease token the claim issued, so a dispatcher that lost its lease (it was
 frozen, partitioned or presumed dead) can never overwrite what the new owner recorded.
 
-All statements are parameterised ($1, $2, ...); none is built from user input.
+All statements are parameterised ($1, $2, ...); none is built from user input. Some are
+assembled at import from constant parts that several statements share.
 """
+
+from outbox.dispatcher.policy import (
+    HALVING_INTERVAL,
+    MIN_THROTTLE_RATE,
+    OBSERVED_SECONDS,
+    RECOVERY_SECONDS,
+)
 
 #: Channel the enqueueing transaction notifies; delivered to listeners at commit.
 NOTIFY_CHANNEL = "outbox_mail"
 
 # Insert one mail and wake the dispatchers in the same statement (one round trip).
 # pg_notify runs inside the caller's transaction, so the wake-up is delivered only
-# if, and when, the mail commits. $9 is the enqueuing span's W3C traceparent, NULL when
-# it is not traced (dispatcher.tracing).
+# if, and when, the mail commits. $1..$11 are the mail (see outbox._mail_params): $9 its
+# priority, $10 and $11 the recipient's domain (A-label, lower case: the scope its limits
+# are set for) and mailbox key (what the suppression list is keyed by), computed in
+# Python because IDNA and Unicode case folding are not SQL's. $12 is the enqueuing span's
+# W3C traceparent, NULL when it is not traced (dispatcher.tracing).
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at, trace_context)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9)
+                        body_text, body_html, next_attempt_at, priority, recipient_domain,
+                        recipient_key, trace_context)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12)
     RETURNING id, created_at
 )
 SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
 """
 
-# ENQUEUE under the idempotency key $9 (parameters $1..$8 as in ENQUEUE, the traceparent
-# $10): the key and the mail are stored together, or, when the key was used before,
-# nothing is stored and no row comes back (the caller then reads ENQUEUED_UNDER_KEY). The
-# primary key of outbox_keys decides: the key row is inserted first and the mail only if
-# it was. A concurrent enqueue of the same key waits on the first one's uncommitted key
-# row; if that commits, this one stores nothing, if it rolls back, it stores its own mail.
-# The mail's id is drawn from outbox's identity sequence up front so that the key row can
-# name it in the same statement (a conflict wastes one sequence value, as a rollback does).
+# ENQUEUE under the idempotency key $12 (parameters $1..$11 as in ENQUEUE, the
+# traceparent $13): the key and the mail are stored together, or, when the key was used
+# before, nothing is stored and no row comes back (the caller then reads
+# ENQUEUED_UNDER_KEY). The primary key of outbox_keys decides: the key row is inserted
+# first and the mail only if it was. A concurrent enqueue of the same key waits on the
+# first one's uncommitted key row; if that commits, this one stores nothing, if it rolls
+# back, it stores its own mail. The mail's id is drawn from outbox's identity sequence up
+# front so that the key row can name it in the same statement (a conflict wastes one
+# sequence value, as a rollback does).
 ENQUEUE_KEYED = """
 WITH fresh AS (
     INSERT INTO outbox_keys (key, outbox_id, message_id)
-    VALUES ($9, nextval(pg_get_serial_sequence('outbox', 'id')), $1)
+    VALUES ($12, nextval(pg_get_serial_sequence('outbox', 'id')), $1)
     ON CONFLICT (key) DO NOTHING
     RETURNING outbox_id
 ),
 inserted AS (
     INSERT INTO outbox (id, message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at, idempotency_key, trace_context)
+                        body_text, body_html, next_attempt_at, priority, recipient_domain,
+                        recipient_key, idempotency_key, trace_context)
     OVERRIDING SYSTEM VALUE
-    SELECT fresh.outbox_id, $1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, now()), $9,
-           $10::text
+    SELECT fresh.outbox_id, $1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, now()),
+           $9::smallint, $10::text, $11::text, $12, $13::text
     FROM fresh
     RETURNING id, created_at
 )
@@ -62,7 +76,7 @@ ENQUEUED_UNDER_KEY = "SELECT outbox_id, message_id, created_at FROM outbox_keys 
 # ENQUEUE fused with the business write it belongs to: one statement, so one round trip
 # and atomic without an explicit transaction. A template (see outbox.enqueue_with): {write}
 # is the caller's own constant single-row ``INSERT ... RETURNING ...`` with parameters
-# $1..$n, never user input; {m1}..{m9} become $n+1..$n+9, the mail's parameters in
+# $1..$n, never user input; {m1}..{m12} become $n+1..$n+12, the mail's parameters in
 # ENQUEUE's order. The mail is inserted once per row the write returns: a write that
 # stores nothing (ON CONFLICT DO NOTHING) queues nothing, and one that stores two rows
 # fails on the unique message_id, so a mail exists exactly when its row does.
@@ -72,9 +86,11 @@ WITH written AS (
 ),
 inserted AS (
     INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject,
-                        body_text, body_html, next_attempt_at, trace_context)
+                        body_text, body_html, next_attempt_at, priority, recipient_domain,
+                        recipient_key, trace_context)
     SELECT ${m1}::text, ${m2}::text, ${m3}::text, ${m4}::text, ${m5}::text,
-           ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now()), ${m9}::text
+           ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now()), ${m9}::smallint,
+           ${m10}::text, ${m11}::text, ${m12}::text
     FROM written
     RETURNING id, created_at
 )
@@ -84,7 +100,9 @@ FROM written, inserted
 """
 
 # --- Claim ------------------------------------------------------------------------------
-# Take up to $1 due rows for dispatcher $2 and lease them for $3 seconds.
+# Take up to $1 due rows for dispatcher $2 and lease them for $3 seconds, most urgent
+# first: in (priority, next_attempt_at) order, so a priority-0 mail enqueued behind any
+# backlog of priority-5 mail is the next one claimed.
 #
 # Due means: 'pending' with next_attempt_at in the past, or 'sending' whose lease is no
 # longer honoured (it expired, or its owner has not heartbeated for $4 seconds: it was
@@ -101,14 +119,15 @@ FROM written, inserted
 # Something about it takes down every dispatcher that tries it (no mail should, but a
 # poison row must not go round the fleet forever, holding up a slot each time).
 #
-# trace_context comes back so that the dispatcher's spans continue the mail's trace.
-CLAIM = """
-WITH due AS (
-    SELECT o.id, o.status AS previous_status, o.lease_owner AS previous_owner,
-           o.leased_at AS previous_leased_at, o.attempts AS previous_attempt,
-           o.status = 'sending' AND o.abandons + 1 >= $5 AS poisoned
-    FROM outbox o
-    WHERE o.status IN ('pending', 'sending')
+# trace_context comes back so that the dispatcher's spans continue the mail's trace;
+# priority and recipient_domain for logs and for the throttle (dispatcher.limits), and
+# suppressed when the recipient is on the suppression list: such a mail is recorded
+# 'suppressed' without being sent.
+#
+# The statement is assembled from the parts below, which POLICED_CLAIM shares.
+
+# The condition "o is due" (see above).
+_DUE = """o.status IN ('pending', 'sending')
       AND o.next_attempt_at <= now()
       AND (
             o.status = 'pending'
@@ -118,11 +137,17 @@ WITH due AS (
                 WHERE d.name = o.lease_owner
                   AND d.last_beat_at > now() - make_interval(secs => $4)
             )
-      )
-    ORDER BY o.next_attempt_at
-    LIMIT $1
-    FOR UPDATE OF o SKIP LOCKED
-),
+      )"""
+
+# What the lease step needs of each due row (priority and next_attempt_at: the order).
+_DUE_COLUMNS = """o.id, o.status AS previous_status, o.lease_owner AS previous_owner,
+    o.leased_at AS previous_leased_at, o.attempts AS previous_attempt,
+    o.status = 'sending' AND o.abandons + 1 >= $5 AS poisoned,
+    o.priority, o.next_attempt_at"""
+
+# Everything after choosing the rows of the CTE ``due``: the abandoned attempts, the
+# circuit breaker, the lease.
+_LEASE_DUE = """
 abandoned AS (
     INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
                                  outcome, error)
@@ -154,8 +179,20 @@ FROM due
 WHERE o.id = due.id AND NOT due.poisoned
 RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject,
           o.body_text, o.body_html, o.created_at, o.attempts, o.lease_token,
-          o.lease_expires_at, o.trace_context
+          o.lease_expires_at, o.trace_context, o.priority, o.recipient_domain,
+          EXISTS (SELECT 1 FROM outbox_suppressions s
+                  WHERE s.address_key = o.recipient_key) AS suppressed
 """
+
+CLAIM = f"""
+WITH due AS (
+    SELECT {_DUE_COLUMNS}
+    FROM outbox o
+    WHERE {_DUE}
+    ORDER BY o.priority, o.next_attempt_at
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED
+),{_LEASE_DUE}"""
 
 # Seconds until the earliest pending mail is due (negative if one already is, NULL if
 # none is pending): lets an idle dispatcher wake for a scheduled retry on time. Served by
@@ -164,15 +201,305 @@ NEXT_DUE_IN = """
 SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM outbox WHERE status = 'pending'
 """
 
+# --- Sending policy ---------------------------------------------------------------------
+# Fleet-wide limits (see migration 0007 and dispatcher.limits): rate windows and the
+# adaptive throttle are token buckets whose content is stored as of a time and refilled
+# on reading, always with the database's clock, which every dispatcher shares (theirs may
+# disagree). The expressions below are those buckets' arithmetic (dispatcher.policy has
+# the same in Python); {clock} is the time to compute them for.
+
+
+def _window_tokens(clock: str) -> str:
+    """SQL: the tokens in rate window ``r`` at ``clock``, refilled since refreshed_at."""
+    return f"""least(r.burst, r.tokens
+                  + greatest(0, extract(epoch FROM {clock} - r.refreshed_at)::float8)
+                    * r.max_count / r.per_seconds::float8)"""
+
+
+def _throttle_rate(clock: str) -> str:
+    """SQL: the effective rate of policy row ``p``'s throttle at ``clock`` (policy.
+    effective_rate): throttle_rate rising linearly to throttle_base; NULL once recovered."""
+    return f"""(CASE WHEN p.throttled_at > {clock} - interval '{RECOVERY_SECONDS:g} seconds'
+          THEN p.throttle_rate + (p.throttle_base - p.throttle_rate)
+               * greatest(0, extract(epoch FROM {clock} - p.throttled_at)::float8)
+               / {RECOVERY_SECONDS:g}
+     END)"""
+
+
+def _throttle_tokens(clock: str, rate: str) -> str:
+    """SQL: the tokens in policy row ``p``'s throttle bucket at ``clock``, given its
+    effective ``rate`` then (NULL when it is not throttled): refilled at that rate, holding
+    one second's worth, at least one (policy.bucket_capacity). Refilling at the rate of the
+    end of the interval gives a little more than the ramp's integral; claims come often,
+    and the bucket's cap bounds the rest."""
+    return f"""(CASE WHEN {rate} IS NOT NULL THEN least(
+         greatest(1, {rate}),
+         coalesce(p.throttle_tokens, 0)
+         + greatest(0, extract(epoch FROM {clock}
+                               - coalesce(p.throttle_refreshed_at, p.throttled_at))::float8)
+           * {rate})
+     END)"""
+
+
+# Whether any scope has a policy: with none, dispatcher.limits.claim runs plain CLAIM
+# (limits cost nothing when there are none). A cheap read of a tiny table.
+POLICIES_EXIST = "SELECT EXISTS (SELECT 1 FROM outbox_policies)"
+
+# Step (a) of a policed claim: lock every policy row, in one global order (no deadlocks
+# between claimers). This serialises the policed claims of all dispatchers, so each one
+# reads the buckets and the mail in flight as the previous one left them, and limits are
+# exact fleet-wide. A statement of its own, before POLICY_STATE: in READ COMMITTED a
+# statement reads the snapshot it started with, so one that waited here for the lock
+# would still see the tokens and the 'sending' rows from before the previous claim.
+LOCK_POLICIES = "SELECT domain FROM outbox_policies ORDER BY domain FOR UPDATE"
+
+# The condition "o is in flight": 'sending' under a lease that is still honoured, the
+# opposite of CLAIM's test, so that a dead dispatcher's rows, which the claim may take
+# back, do not count (else they could hold a concurrency limit forever). $2 is the
+# stale-after seconds.
+_HONOURED_LEASE = """o.lease_expires_at > now()
+          AND EXISTS (SELECT 1 FROM dispatchers d
+                      WHERE d.name = o.lease_owner
+                        AND d.last_beat_at > now() - make_interval(secs => $2))"""
+
+# Step (b): the state of the locked scopes $1 (text[]), $2 stale-after seconds: for
+# dispatcher.policy.allowance. One row per scope: paused, concurrency and the mail in
+# flight (counted only under a concurrency limit; per domain through
+# outbox_in_flight_idx), the tokens of each rate window and the throttle's rate and
+# tokens, refilled to ``clock`` (the statement's time, after the lock was granted: the
+# previous claim's updates are in the past of it). throttle_expired: the throttle has
+# run its course and is to be cleared (EXPIRE_THROTTLES).
+POLICY_STATE = f"""
+WITH clock AS (SELECT statement_timestamp() AS now)
+SELECT p.domain, p.paused, p.concurrency, clock.now AS clock,
+       coalesce(w.tokens, '{{}}') AS window_tokens,
+       t.rate AS throttle_rate,
+       {_throttle_tokens("clock.now", "t.rate")} AS throttle_tokens,
+       p.throttled_at IS NOT NULL AND t.rate IS NULL AS throttle_expired,
+       CASE WHEN p.concurrency IS NULL THEN 0
+            WHEN p.domain = '' THEN (
+                SELECT count(*) FROM outbox o
+                WHERE o.status = 'sending' AND {_HONOURED_LEASE})
+            ELSE (
+                SELECT count(*) FROM outbox o
+                WHERE o.status = 'sending' AND o.recipient_domain = p.domain
+                  AND {_HONOURED_LEASE})
+       END AS in_flight
+FROM clock
+CROSS JOIN outbox_policies p
+CROSS JOIN LATERAL (SELECT {_throttle_rate("clock.now")} AS rate) t
+LEFT JOIN LATERAL (
+    SELECT array_agg({_window_tokens("clock.now")} ORDER BY r.per_seconds) AS tokens
+    FROM outbox_rate_limits r
+    WHERE r.domain = p.domain
+) w ON true
+WHERE p.domain = ANY($1::text[])
+ORDER BY p.domain
+"""
+
+# Clear the throttles of scopes $1 (text[]) that ran their course by $2 (POLICY_STATE's
+# clock), under the claim's lock; a policy row that held nothing else is deleted, so that
+# claims go back to plain CLAIM when no policy is left. (Two disjoint sets: one statement
+# must not both update and delete a row.)
+EXPIRE_THROTTLES = f"""
+WITH expired AS (
+    SELECT p.domain,
+           NOT p.paused AND p.concurrency IS NULL
+           AND NOT EXISTS (SELECT 1 FROM outbox_rate_limits r WHERE r.domain = p.domain)
+               AS empty
+    FROM outbox_policies p
+    WHERE p.domain = ANY($1::text[])
+      AND p.throttled_at <= $2::timestamptz - interval '{RECOVERY_SECONDS:g} seconds'
+),
+cleared AS (
+    UPDATE outbox_policies p
+    SET throttle_rate = NULL, throttle_base = NULL, throttled_at = NULL,
+        throttle_tokens = NULL, throttle_refreshed_at = NULL, updated_at = now()
+    FROM expired
+    WHERE p.domain = expired.domain AND NOT expired.empty
+)
+DELETE FROM outbox_policies p
+USING expired
+WHERE p.domain = expired.domain AND expired.empty
+"""
+
+# Step (d): CLAIM under limits. $1..$5 as in CLAIM, $1 already cut to what all mail may
+# take; $6 (text[]) every domain with a limit, $7/$8 (text[], integer[]) those that may
+# take mail now and how much each. Two ways in, both FOR UPDATE SKIP LOCKED:
+# - ``free``: mail to domains without limits, through outbox_claim_idx in (priority,
+#   next_attempt_at) order, skipping the limited domains' rows (a filter, not a wall:
+#   a paused or saturated domain with any number of rows ahead costs a scan of them,
+#   never a missed claim);
+# - ``policed``: for each limited domain that may take mail, up to its allowance of its
+#   own due mail through outbox_domain_claim_idx (a LATERAL index scan per domain).
+# A paused or saturated domain is in $6 but not in $7: none of its rows is claimed, so
+# none uses an attempt (nor is a dead dispatcher's row of it reclaimed until it resumes).
+# ``due`` keeps the $1 most urgent of both; the rows locked beyond that are only locked
+# until the claim commits. Everything else is CLAIM's: reclaim, abandons, circuit breaker,
+# lease, the same columns back.
+POLICED_CLAIM = f"""
+WITH free AS (
+    SELECT {_DUE_COLUMNS}
+    FROM outbox o
+    WHERE {_DUE}
+      AND NOT (o.recipient_domain = ANY($6::text[]))
+    ORDER BY o.priority, o.next_attempt_at
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED
+),
+policed AS (
+    SELECT picked.*
+    FROM unnest($7::text[], $8::integer[]) AS p(domain, allowance)
+    CROSS JOIN LATERAL (
+        SELECT {_DUE_COLUMNS}
+        FROM outbox o
+        WHERE o.recipient_domain = p.domain
+          AND {_DUE}
+        ORDER BY o.priority, o.next_attempt_at
+        LIMIT least(p.allowance, $1)
+        FOR UPDATE OF o SKIP LOCKED
+    ) picked
+),
+due AS (
+    SELECT * FROM free
+    UNION ALL
+    SELECT * FROM policed
+    ORDER BY priority, next_attempt_at
+    LIMIT $1
+),{_LEASE_DUE}"""
+
+# Step (e): take $2[i] tokens from every rate window and from the throttle bucket of
+# scope $1[i] (text[], integer[]: one per claimed mail to be sent, from its domain and
+# from ''), refilled to $3, POLICY_STATE's clock, first. Under the claim's lock, so no
+# other claim read these buckets in between.
+_TAKEN_AT_RATE = _throttle_rate("$3::timestamptz")
+TAKE_TOKENS = f"""
+WITH taken AS (
+    SELECT * FROM unnest($1::text[], $2::integer[]) AS t(domain, n)
+),
+windows AS (
+    UPDATE outbox_rate_limits r
+    SET tokens = {_window_tokens("$3::timestamptz")} - taken.n,
+        refreshed_at = greatest(r.refreshed_at, $3::timestamptz)
+    FROM taken
+    WHERE r.domain = taken.domain
+)
+UPDATE outbox_policies p
+SET throttle_tokens = {_throttle_tokens("$3::timestamptz", _TAKEN_AT_RATE)} - taken.n,
+    throttle_refreshed_at = $3::timestamptz
+FROM taken
+WHERE p.domain = taken.domain
+  AND p.throttled_at > $3::timestamptz - interval '{RECOVERY_SECONDS:g} seconds'
+"""
+
+# Adaptive throttling: the scopes $1 (text[], in order: the row locks are taken in it,
+# so concurrent recorders cannot deadlock) got a "slow down" reply (policy.throttle_scope).
+# Each one's rate is halved (policy.halved): the current effective rate if the scope is
+# throttled already (its base stays: it recovers towards the rate it had before the
+# first signal), else its slowest configured rate, else the rate it was observed to send
+# at (policy.throttle_start). At most once per HALVING_INTERVAL per scope: the check is
+# in ON CONFLICT's WHERE, which sees the latest row under its lock, so concurrent
+# recorders halve a scope once between them. The throttle's bucket starts empty. The
+# observed rate counts attempts through outbox_attempts_finished_at_idx, and only for a
+# scope that is neither throttled nor configured (COALESCE evaluates lazily).
+# Returns the scopes halved now, with their new rate.
+THROTTLE = f"""
+WITH clock AS (SELECT statement_timestamp() AS now),
+scope AS (
+    SELECT s.domain, {_throttle_rate("clock.now")} AS current
+    FROM clock
+    CROSS JOIN unnest($1::text[]) AS s(domain)
+    LEFT JOIN outbox_policies p ON p.domain = s.domain
+    WHERE p.throttled_at IS NULL
+       OR p.throttled_at <= clock.now - interval '{HALVING_INTERVAL:g} seconds'
+),
+start AS (
+    SELECT scope.domain,
+           coalesce(
+               scope.current,
+               (SELECT min(r.max_count / r.per_seconds::float8) FROM outbox_rate_limits r
+                WHERE r.domain = scope.domain),
+               greatest(1, (CASE WHEN scope.domain = '' THEN (
+                                SELECT count(*) FROM outbox_attempts a
+                                WHERE a.finished_at
+                                      > clock.now - interval '{OBSERVED_SECONDS:g} seconds')
+                            ELSE (
+                                SELECT count(*) FROM outbox_attempts a
+                                JOIN outbox o ON o.id = a.outbox_id
+                                WHERE a.finished_at
+                                      > clock.now - interval '{OBSERVED_SECONDS:g} seconds'
+                                  AND o.recipient_domain = scope.domain)
+                            END) / {OBSERVED_SECONDS:g}::float8)
+           ) AS rate
+    FROM clock, scope
+)
+INSERT INTO outbox_policies AS p (domain, throttle_rate, throttle_base, throttled_at,
+                                  throttle_tokens, throttle_refreshed_at, updated_at)
+SELECT start.domain, greatest({MIN_THROTTLE_RATE!r}::float8, start.rate / 2), start.rate,
+       clock.now, 0, clock.now, clock.now
+FROM clock, start
+ORDER BY start.domain
+ON CONFLICT (domain) DO UPDATE
+SET throttle_rate = greatest({MIN_THROTTLE_RATE!r}::float8,
+                             coalesce({_throttle_rate("excluded.throttled_at")},
+                                      excluded.throttle_base) / 2),
+    throttle_base = CASE WHEN p.throttled_at
+                              > excluded.throttled_at - interval '{RECOVERY_SECONDS:g} seconds'
+                         THEN p.throttle_base ELSE excluded.throttle_base END,
+    throttled_at = excluded.throttled_at,
+    throttle_tokens = 0,
+    throttle_refreshed_at = excluded.throttled_at,
+    updated_at = excluded.updated_at
+WHERE p.throttled_at IS NULL
+   OR p.throttled_at <= excluded.throttled_at - interval '{HALVING_INTERVAL:g} seconds'
+RETURNING p.domain, p.throttle_rate
+"""
+
+# Every scope's policy as configured and as it stands, for `outbox limit list` and the
+# admin page: paused, concurrency and the mail in flight ('sending'), the rate windows
+# (per_seconds, max_count, burst and the tokens they hold now, in per_seconds order),
+# the throttle's columns and the database's ``now``. The throttle's effective rate is
+# policy.effective_rate(throttle_rate, throttle_base, throttled_at, now) (None when it has
+# recovered), and the rate the scope may send at policy.limiting_rate(...).
+LIST_POLICIES = f"""
+SELECT p.domain, p.paused, p.concurrency,
+       CASE WHEN p.domain = '' THEN (SELECT count(*) FROM outbox WHERE status = 'sending')
+            ELSE (SELECT count(*) FROM outbox o
+                  WHERE o.status = 'sending' AND o.recipient_domain = p.domain)
+       END AS in_flight,
+       coalesce(w.per_seconds, '{{}}') AS per_seconds,
+       coalesce(w.max_counts, '{{}}') AS max_counts,
+       coalesce(w.bursts, '{{}}') AS bursts,
+       coalesce(w.tokens, '{{}}') AS tokens,
+       p.throttle_rate, p.throttle_base, p.throttled_at, now() AS now
+FROM outbox_policies p
+LEFT JOIN LATERAL (
+    SELECT array_agg(r.per_seconds ORDER BY r.per_seconds) AS per_seconds,
+           array_agg(r.max_count ORDER BY r.per_seconds) AS max_counts,
+           array_agg(r.burst ORDER BY r.per_seconds) AS bursts,
+           array_agg({_window_tokens("now()")} ORDER BY r.per_seconds) AS tokens
+    FROM outbox_rate_limits r
+    WHERE r.domain = p.domain
+) w ON true
+ORDER BY p.domain
+"""
+
 # --- Record outcomes ----------------------------------------------------------------------
 # Record a batch of send outcomes in one statement (arrays, one element per mail).
 # Each row changes only if it is still 'sending' under the lease token we were given: a
 # dispatcher whose lease was taken over changes nothing. Its attempt is still written to
 # the history, flagged lease_lost, because the SMTP server may really have accepted it.
 #
-# outcome: 'sent' | 'failed' | 'deferred' or 'unknown' (back to pending after retry_in
-# seconds; 'unknown' when the server had the whole message but its reply never came).
-# smtp_stage: the last SMTP step the attempt began (see dispatcher.smtp.Stage).
+# outcome: 'sent' | 'failed' | 'suppressed' (the recipient is on the suppression list:
+# not sent; the status says so, the error why) | 'deferred' or 'unknown' (back to pending
+# after retry_in seconds; 'unknown' when the server had the whole message but its reply
+# never came). smtp_stage: the last SMTP step the attempt began (see dispatcher.smtp.Stage).
+#
+# A permanent refusal of the recipient (a 5xx reply to RCPT; 552 there counts as 452, a
+# 'deferred') puts the address on the suppression list in the same statement, so no later
+# mail goes to a mailbox that does not exist. Only when the lease held: the new owner of a
+# row taken over records its own verdict. DISTINCT ON: two refused mails to one address
+# in one batch make one entry (ON CONFLICT DO NOTHING keeps an older one, an operator's).
 RECORD = """
 WITH outcome AS (
     SELECT *
@@ -197,7 +524,18 @@ updated AS (
         updated_at = now()
     FROM outcome
     WHERE o.id = outcome.id AND o.lease_token = outcome.token AND o.status = 'sending'
-    RETURNING o.id
+    RETURNING o.id, o.recipient, o.recipient_key
+),
+refused AS (
+    INSERT INTO outbox_suppressions (address_key, address, source, reason, outbox_id)
+    SELECT DISTINCT ON (updated.recipient_key)
+           updated.recipient_key, updated.recipient, 'smtp',
+           concat_ws(' ', outcome.smtp_code, outcome.smtp_reply), outcome.id
+    FROM outcome JOIN updated ON updated.id = outcome.id
+    WHERE outcome.outcome = 'failed' AND outcome.smtp_stage = 'rcpt'
+      AND outcome.smtp_code BETWEEN 500 AND 599
+    ORDER BY updated.recipient_key, outcome.id
+    ON CONFLICT (address_key) DO NOTHING
 )
 INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
                              outcome, smtp_code, smtp_reply, error, lease_lost, smtp_stage)
@@ -302,6 +640,9 @@ RETURNING name
 """
 
 DEREGISTER = "DELETE FROM dispatchers WHERE name = $1"
+
+# Probe of the LISTEN connection: a connection that says nothing may be dead.
+PROBE = "SELECT 1"
 
 # Forget dispatchers that have not been seen for a day (kept that long for `outbox status`).
 FORGET_GONE_DISPATCHERS = "DELETE FROM dispatchers WHERE last_beat_at < now() - interval '1 day'"

@@ -161,10 +161,12 @@ _SEED = [
            FROM minutes, generate_series(1, n) k
        )
        INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject, body_text,
-                           status, attempts, next_attempt_at, created_at, updated_at, sent_at)
+                           status, attempts, next_attempt_at, created_at, updated_at, sent_at,
+                           recipient_domain, recipient_key)
        SELECT format('<seed.%s@example.org>', g), '{SENDER}', format('user%s@example.com', g),
               format('User %s', g), 'Welcome to Outbox', 'Hello!', 'sent', 1,
-              t - interval '2 seconds', t - interval '2 seconds', t, t
+              t - interval '2 seconds', t - interval '2 seconds', t, t,
+              'example.com', format('user%s@example.com', g)
        FROM sent""",
     """INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
                                     outcome, smtp_code, smtp_reply, smtp_stage)
@@ -557,8 +559,10 @@ def test_phone_width_and_live_refresh(
     field.send_keys("grace@")
     fresh = sql(
         database_url,
-        f"""INSERT INTO outbox (message_id, sender, recipient, subject, body_text)
-            VALUES ('<fresh@example.org>', '{SENDER}', 'fresh@example.com', 'Hi', 'Hi')
+        f"""INSERT INTO outbox (message_id, sender, recipient, subject, body_text,
+                                recipient_domain, recipient_key)
+            VALUES ('<fresh@example.org>', '{SENDER}', 'fresh@example.com', 'Hi', 'Hi',
+                    'example.com', 'fresh@example.com')
             RETURNING id""",
     )[0]["id"]
     driver.execute_script("window.stillThisPage = true")

@@ -27,7 +27,7 @@ from tests.asgi import app_client
 PROJECT = Path(__file__).resolve().parent.parent
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))
-HEAD = "0006"
+(HEAD,) = startup.head_revisions()
 OUTBOX_TABLES = {"outbox", "outbox_attempts", "dispatchers", "outbox_keys"}
 NO_DEV = str(Path(tempfile.gettempdir()) / "outbox-tests-no-dev-here")
 
@@ -342,6 +342,11 @@ async def _legacy(conn: asyncpg.Connection, url: str, revision: str) -> None:
         "INSERT INTO outbox (message_id, sender, recipient, subject, body_text) "
         "VALUES ('<old@example.org>', 'Outbox <noreply@example.org>', 'ada@example.org', "
         "'Hi', 'Hello')"
+        if revision < "0007"
+        else "INSERT INTO outbox (message_id, sender, recipient, subject, body_text, "
+        "recipient_domain, recipient_key) VALUES ('<old@example.org>', "
+        "'Outbox <noreply@example.org>', 'ada@example.org', 'Hi', 'Hello', 'example.org', "
+        "'ada@example.org')"
     )
 
 

@@ -173,6 +173,9 @@ async def _insert_row(pool: asyncpg.Pool, n: int, **changes: str) -> int:
         "body_text": "text",
         **changes,
     }
+    # As migration 0007 fills rows stored before addresses were checked.
+    values["recipient_domain"] = values["recipient"].rpartition("@")[2].lower()
+    values["recipient_key"] = values["recipient"].lower()
     outbox_id: int = await pool.fetchval(
         f"INSERT INTO outbox ({', '.join(values)}) "
         f"VALUES ({', '.join(f'${i}' for i in range(1, len(values) + 1))}) RETURNING id",

@@ -163,7 +163,7 @@ async def test_claim_index_is_partial_on_live_statuses(conn: asyncpg.Connection)
         """
     )
     assert row is not None
-    assert "(next_attempt_at)" in row["definition"]
+    assert "(priority, next_attempt_at)" in row["definition"]
     assert row["predicate"] is not None
     assert "'pending'" in row["predicate"] and "'sending'" in row["predicate"]
     for status in ("sent", "failed", "cancelled"):
@@ -282,10 +282,10 @@ async def test_0003_stops_on_two_users_with_one_mailbox_naming_both(
 
 
 _MAIL = """
-INSERT INTO outbox (message_id, sender, recipient, subject, body_text, status,
-                    lease_token, lease_expires_at, sent_at)
-VALUES ($1, 'Outbox <noreply@example.org>', 'ada@example.org', 'Hi', 'Hello', $2,
-        $3, $4, $5)
+INSERT INTO outbox (message_id, sender, recipient, recipient_domain, recipient_key,
+                    subject, body_text, status, lease_token, lease_expires_at, sent_at)
+VALUES ($1, 'Outbox <noreply@example.org>', 'ada@example.org', 'example.org',
+        'ada@example.org', 'Hi', 'Hello', $2, $3, $4, $5)
 """
 
 

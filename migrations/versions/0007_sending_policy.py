@@ -105,7 +105,9 @@ def upgrade() -> None:
         "CREATE INDEX outbox_domain_claim_idx ON outbox (recipient_domain, priority, "
         "next_attempt_at) WHERE status IN ('pending', 'sending')"
     )
-    op.execute("CREATE INDEX outbox_in_flight_idx ON outbox (recipient_domain) WHERE status = 'sending'")
+    op.execute(
+        "CREATE INDEX outbox_in_flight_idx ON outbox (recipient_domain) WHERE status = 'sending'"
+    )
 
     op.execute(
         """

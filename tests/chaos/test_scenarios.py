@@ -793,7 +793,8 @@ async def _write_poison(
         }
         outbox_id = await rig.db.fetchval(
             "INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject, "
-            "body_text) VALUES ($1, $2, $3, $4, $5, 'Poison') RETURNING id",
+            "body_text, recipient_domain, recipient_key) VALUES ($1, $2, $3, $4, $5, 'Poison', "
+            "coalesce(lower(substring($3 from '@([^@]*)$')), ''), lower($3)) RETURNING id",
             row["message_id"],
             row["sender"],
             row["recipient"],

@@ -1,0 +1,138 @@
+"""The claimer: lease due mail in batches whenever the senders have room for it.
+
+It keeps at most ``2 * concurrency`` rows claimed and unfinished (the high-water mark):
+enough that a sender never waits for a claim, few enough that rows do not sit in our
+queue while other dispatchers are idle. It claims nothing while the SMTP server is
+unreachable or our heartbeat is failing, and sleeps when the queue is drained until
+NOTIFY, the next scheduled retry, the poll interval or a stop, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from opentelemetry.trace import Tracer
+
+from outbox.dispatcher import metrics, tracing
+from outbox.dispatcher.db import CONNECTION_ERRORS
+from outbox.dispatcher.liveness import Liveness
+from outbox.dispatcher.shared import Claim, Shared
+from outbox.dispatcher.store import Store
+
+if TYPE_CHECKING:
+    from outbox.dispatcher.daemon import DispatcherConfig
+
+__all__ = ["Claimer"]
+
+
+class Claimer:
+    """The claim loop, feeding ``shared.queue``."""
+
+    def __init__(
+        self,
+        config: DispatcherConfig,
+        store: Store,
+        shared: Shared,
+        liveness: Liveness,
+        log: logging.LoggerAdapter[logging.Logger],
+        tracer: Tracer,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._shared = shared
+        self._liveness = liveness
+        self._log = log
+        self._tracer = tracer
+
+    async def run(self) -> None:
+        """Claim until a stop is requested (checked between claims, never during one)."""
+        cfg = self._config
+        shared = self._shared
+        high_water = 2 * cfg.concurrency
+        failures = 0
+        unsure = False  # a claim failed: it may have committed without our learning of it
+        while not shared.stop.is_set():
+            if unsure:
+                unsure = not await self._release_unknown()
+            room = high_water - shared.outstanding
+            wanted = min(cfg.batch_size, high_water)
+            # Claim in batches: wait for a batch's worth of room unless senders are idle.
+            if room <= 0 or (room < wanted and not shared.queue.empty()):
+                shared.room.clear()
+                await shared.wait_any(shared.room, cfg.poll_interval)
+                continue
+            pause = shared.smtp_pause_until - time.monotonic()
+            if pause > 0:  # the SMTP server is unreachable: don't burn attempts on it
+                await shared.sleep(pause)
+                continue
+            if self._liveness.fenced():  # our heartbeat is failing: we could not send it
+                await shared.sleep(cfg.heartbeat_interval)
+                continue
+            shared.wake.clear()
+            now = time.monotonic()  # before the claim: a lapse during it voids it too
+            claim_started_ns = time.time_ns()
+            try:
+                mails = await self._store.claim(
+                    cfg.name,
+                    min(room, cfg.batch_size),
+                    lease=cfg.lease,
+                    stale_after=cfg.stale_after,
+                    max_abandons=cfg.max_abandons,
+                )
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                unsure = True
+                await shared.db_trouble(self._log, "claim", exc, failures)
+                continue
+            failures = 0
+            claim_finished_ns = time.time_ns()
+            for mail in mails:
+                shared.outstanding += 1
+                shared.held.add(mail.id)
+                shared.queue.put_nowait(Claim(mail, now + cfg.lease))
+                if mail.trace_context is not None:
+                    tracing.claimed(
+                        self._tracer,
+                        mail.trace_context,
+                        outbox_id=mail.id,
+                        dispatcher=cfg.name,
+                        batch=len(mails),
+                        started_ns=claim_started_ns,
+                        finished_ns=claim_finished_ns,
+                    )
+            if mails:
+                metrics.CLAIM_BATCH.observe(len(mails))
+                self._log.debug("claim", extra={"rows": len(mails)})
+            if len(mails) < min(room, cfg.batch_size):
+                # Drained: sleep until NOTIFY, the next scheduled retry, the poll interval
+                # or a stop, whichever comes first (retries are not announced by NOTIFY).
+                await shared.wait_any(shared.wake, await self._idle_seconds())
+
+    async def _release_unknown(self) -> bool:
+        """Hand back rows leased to us that we never heard of; False if the database is away.
+
+        A claim whose connection died after the commit leaves rows leased to this live
+        dispatcher that no sender will ever send; without this they would wait for their
+        lease to expire.
+        """
+        try:
+            released = await self._store.release_unknown(self._config.name, self._shared.held)
+        except CONNECTION_ERRORS:
+            return False
+        if released:
+            self._log.warning("claim.recovered", extra={"rows": released})
+        return True
+
+    async def _idle_seconds(self) -> float:
+        """How long the claimer may sleep: until the next deferred mail is due, at most."""
+        poll = self._config.poll_interval
+        try:
+            due_in = await self._store.next_due_in()
+        except CONNECTION_ERRORS:
+            return poll
+        if due_in is None:
+            return poll
+        # Due already but not claimable (locked by someone else's claim): look again soon.
+        return min(poll, max(0.1, due_in))
