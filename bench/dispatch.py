@@ -506,7 +506,22 @@ _PARTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("SMTP transaction (dispatcher/smtp.py)", ("dispatcher/smtp.py",)),
     ("aiosmtplib", ("/aiosmtplib/",)),
-    ("claiming, recording (dispatcher/daemon.py)", ("dispatcher/daemon.py", "dispatcher/backoff")),
+    (
+        "the daemon's actors (claimer, sender, recorder, store, limits, ...)",
+        (
+            "dispatcher/daemon.py",
+            "dispatcher/claimer.py",
+            "dispatcher/sender.py",
+            "dispatcher/recorder.py",
+            "dispatcher/store.py",
+            "dispatcher/limits.py",
+            "dispatcher/policy.py",
+            "dispatcher/retry.py",
+            "dispatcher/shared.py",
+            "dispatcher/liveness.py",
+            "dispatcher/backoff",
+        ),
+    ),
     ("logging (logging, dispatcher/logs.py, json)", ("/logging/", "dispatcher/logs.py", "/json/")),
     ("asyncpg", ("/asyncpg/", "asyncpg.")),
     ("prometheus_client", ("/prometheus_client/",)),
@@ -559,10 +574,10 @@ def print_profile(path: str, mails: int) -> None:
     steps = {
         ("dispatcher/message.py", "build_message"): "build_message",
         ("dispatcher/smtp.py", "send"): "SmtpConnection.send",
-        ("dispatcher/daemon.py", "_deliver"): "Dispatcher._deliver (render + send + decide)",
-        ("dispatcher/daemon.py", "_write"): "Dispatcher._write (record + logs)",
-        ("dispatcher/daemon.py", "_log_outcome"): "Dispatcher._log_outcome",
-        ("dispatcher/daemon.py", "_claim_loop"): "Dispatcher._claim_loop",
+        ("dispatcher/sender.py", "_deliver"): "sender: _deliver (render + send + decide)",
+        ("dispatcher/recorder.py", "_write"): "recorder: _write (record + logs)",
+        ("dispatcher/recorder.py", "_log_outcome"): "recorder: _log_outcome",
+        ("dispatcher/claimer.py", "run"): "claimer: run",
     }
     for (suffix, func_name), label in steps.items():
         for (filename, lineno, name), (_, _, _, cumulative, _) in stats.items():

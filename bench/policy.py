@@ -10,8 +10,9 @@ once), and real ``outbox dispatcher`` processes. Five measurements:
 
 1. claim: the cost of one claim of 32 (``dispatcher.limits.claim``, rolled back so that
    every sample sees the same table) with ``--rows`` due mails over ``--domains``
-   recipient domains: without any policy, against limits configured (a global window of
-   100000/s, 5/s with concurrency 2 on 100 domains, 10 paused domains). Target: within 2x.
+   recipient domains: without any policy, against limits configured (two windows on all
+   mail, too wide to cut a claim of 32 short; 5/s with concurrency 2 on ``--limited``
+   domains, 10 and 100 by default; 2 paused domains). Target: within 2x.
 2. global: three dispatchers (concurrency 32 each) drain ``--global-mails`` due mails to a
    fast sink under ``outbox limit set --rate 40/s``: the largest excess of the mails the
    sink accepted by time t over 40 t (t from the first arrival; the bucket's burst is 40),
@@ -68,9 +69,9 @@ FILL = """
 INSERT INTO outbox (message_id, sender, recipient, recipient_name, subject, body_text,
                     recipient_domain, recipient_key, next_attempt_at)
 SELECT format('<fill-%s@example.com>', i), 'Outbox <noreply@example.com>',
-       format('u%s@d%s.example', i, (i * 7919) % $2), format('User %s', i), 'Welcome',
-       'Hello', format('d%s.example', (i * 7919) % $2),
-       format('u%s@d%s.example', i, (i * 7919) % $2),
+       format('u%s@d%s.example', i, (i::bigint * 7919) % $2), format('User %s', i), 'Welcome',
+       'Hello', format('d%s.example', (i::bigint * 7919) % $2),
+       format('u%s@d%s.example', i, (i::bigint * 7919) % $2),
        now() - make_interval(secs => i / 1000.0)
 FROM generate_series(1, $1) AS i
 """
@@ -153,12 +154,12 @@ async def claim_cost(pg: EmbeddedPostgres, ns: argparse.Namespace) -> None:
             await transaction.rollback()
             return elapsed, len(rows)
 
-        async def configure(on: bool) -> None:
+        async def configure(limited_domains: int) -> None:
             await conn.execute("DELETE FROM outbox_policies")
-            if not on:
+            if not limited_domains:
                 return
-            limited = [f"d{i}.example" for i in range(100)]
-            paused = [f"d{i}.example" for i in range(100, 110)]
+            limited = [f"d{i}.example" for i in range(limited_domains)]
+            paused = [f"d{i}.example" for i in range(limited_domains, limited_domains + 2)]
             await conn.execute(
                 "INSERT INTO outbox_policies (domain, concurrency, paused) "
                 "SELECT d, c, p FROM unnest($1::text[], $2::int[], $3::bool[]) AS t(d, c, p)",
@@ -166,34 +167,44 @@ async def claim_cost(pg: EmbeddedPostgres, ns: argparse.Namespace) -> None:
                 [None] + [2] * len(limited) + [None] * len(paused),
                 [False] * (1 + len(limited)) + [True] * len(paused),
             )
+            # All mail: two windows (per second and per day) too wide to cut a claim short,
+            # so that every configuration claims full batches of 32.
             await conn.execute(
                 "INSERT INTO outbox_rate_limits (domain, per_seconds, max_count, burst, tokens) "
-                "SELECT d, 1, n, n, n FROM unnest($1::text[], $2::int[]) AS t(d, n)",
-                ["", *limited],
-                [100000] + [5] * len(limited),
+                "SELECT d, s, n, b, b "
+                "FROM unnest($1::text[], $2::int[], $3::int[], $4::float8[]) AS t(d, s, n, b)",
+                ["", "", *limited],
+                [1, 86400] + [1] * len(limited),
+                [100_000, 1_000_000_000] + [5] * len(limited),
+                [100_000.0, 11_575.0] + [5.0] * len(limited),
             )
 
-        figures: dict[bool, list[float]] = {False: [], True: []}
-        sizes: dict[bool, Counter[int]] = {False: Counter(), True: Counter()}
+        configurations = [0, *ns.limited]
+        figures: dict[int, list[float]] = {n: [] for n in configurations}
+        sizes: dict[int, Counter[int]] = {n: Counter() for n in configurations}
         for round_ in range(ns.claim_rounds):
-            for on in (False, True) if round_ % 2 == 0 else (True, False):
-                await configure(on)
+            order = configurations if round_ % 2 == 0 else configurations[::-1]
+            for limited_domains in order:
+                await configure(limited_domains)
                 for _ in range(ns.claim_samples):
                     elapsed, size = await sample()
-                    figures[on].append(elapsed * 1000)
-                    sizes[on][size] += 1
-        plain = statistics.median(figures[False])
-        policed = statistics.median(figures[True])
+                    figures[limited_domains].append(elapsed * 1000)
+                    sizes[limited_domains][size] += 1
+        plain = statistics.median(figures[0])
         print(
-            f"   no policy:        {plain:.2f} ms per claim (median of "
-            f"{len(figures[False])}; rows per claim {dict(sizes[False])})",
+            f"   no policy: {plain:.2f} ms per claim of 32 (median of {len(figures[0])}; "
+            f"rows per claim {dict(sizes[0])})",
             flush=True,
         )
-        print(
-            f"   limits configured: {policed:.2f} ms per claim (rows per claim "
-            f"{dict(sizes[True])}); {policed / plain:.2f}x (target <= 2x)",
-            flush=True,
-        )
+        for limited_domains in ns.limited:
+            policed = statistics.median(figures[limited_domains])
+            print(
+                f"   limits on all mail (a window per second and per day) and on "
+                f"{limited_domains} domains (5/s, concurrency 2), 2 domains paused: "
+                f"{policed:.2f} ms per claim (rows per claim "
+                f"{dict(sizes[limited_domains])}), {policed / plain:.2f}x (target <= 2x)",
+                flush=True,
+            )
     finally:
         await conn.close()
 
@@ -446,12 +457,20 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--domains", type=int, default=10_000)
+    parser.add_argument(
+        "--limited",
+        type=int,
+        action="append",
+        help="claim cost with this many limited domains (repeatable; default 10 and 100)",
+    )
     parser.add_argument("--claim-rounds", type=int, default=4)
     parser.add_argument("--claim-samples", type=int, default=50)
     parser.add_argument("--global-mails", type=int, default=3000)
     parser.add_argument("--domain-mails", type=int, default=2000)
     parser.add_argument("--backlog", type=int, default=10_000)
-    asyncio.run(run(parser.parse_args()))
+    ns = parser.parse_args()
+    ns.limited = ns.limited or [10, 100]
+    asyncio.run(run(ns))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ lapse (:meth:`Liveness.lapsed_since`): while we were silent it may have been tak
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Literal
@@ -103,4 +105,7 @@ class Liveness:
                         "heartbeat.failed", extra={"error": repr(exc), "failures": failures}
                     )
             shared.beat_now.clear()
-            await shared.wait_any(shared.beat_now, cfg.heartbeat_interval)
+            # Not cut short by a stop request: the heartbeat goes on while in-flight sends
+            # finish during shutdown (their leases rely on it), at its usual pace.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(shared.beat_now.wait(), cfg.heartbeat_interval)

@@ -325,47 +325,50 @@ WHERE p.domain = expired.domain AND expired.empty
 
 # Step (d): CLAIM under limits. $1..$5 as in CLAIM, $1 already cut to what all mail may
 # take; $6 (text[]) every domain with a limit, $7/$8 (text[], integer[]) those that may
-# take mail now and how much each. Two ways in, both FOR UPDATE SKIP LOCKED:
-# - ``free``: mail to domains without limits, through outbox_claim_idx in (priority,
+# take mail now and how much each. Candidates come two ways:
+# - mail to domains without limits, through outbox_claim_idx in (priority,
 #   next_attempt_at) order, skipping the limited domains' rows (a filter, not a wall:
 #   a paused or saturated domain with any number of rows ahead costs a scan of them,
 #   never a missed claim);
-# - ``policed``: for each limited domain that may take mail, up to its allowance of its
-#   own due mail through outbox_domain_claim_idx (a LATERAL index scan per domain).
+# - for each limited domain that may take mail, up to its allowance of its own due mail
+#   through outbox_domain_claim_idx (a LATERAL index scan per domain).
+# Only the $1 most urgent candidates are then locked (FOR UPDATE SKIP LOCKED, the due
+# condition checked again on the locked row): locking every candidate would cost a row
+# lock per limited domain for mail that is not taken. Policed claims take turns under
+# the policy lock, so no other claim picks the same candidates meanwhile; a row someone
+# else holds (an operator's cancel) is skipped.
 # A paused or saturated domain is in $6 but not in $7: none of its rows is claimed, so
 # none uses an attempt (nor is a dead dispatcher's row of it reclaimed until it resumes).
-# ``due`` keeps the $1 most urgent of both; the rows locked beyond that are only locked
-# until the claim commits. Everything else is CLAIM's: reclaim, abandons, circuit breaker,
-# lease, the same columns back.
+# Everything else is CLAIM's: reclaim, abandons, circuit breaker, lease, the same columns.
 POLICED_CLAIM = f"""
-WITH free AS (
-    SELECT {_DUE_COLUMNS}
-    FROM outbox o
-    WHERE {_DUE}
-      AND NOT (o.recipient_domain = ANY($6::text[]))
-    ORDER BY o.priority, o.next_attempt_at
-    LIMIT $1
-    FOR UPDATE OF o SKIP LOCKED
-),
-policed AS (
+WITH candidates AS (
+    (SELECT o.id, o.priority, o.next_attempt_at
+     FROM outbox o
+     WHERE {_DUE}
+       AND NOT (o.recipient_domain = ANY($6::text[]))
+     ORDER BY o.priority, o.next_attempt_at
+     LIMIT $1)
+    UNION ALL
     SELECT picked.*
     FROM unnest($7::text[], $8::integer[]) AS p(domain, allowance)
     CROSS JOIN LATERAL (
-        SELECT {_DUE_COLUMNS}
+        SELECT o.id, o.priority, o.next_attempt_at
         FROM outbox o
         WHERE o.recipient_domain = p.domain
           AND {_DUE}
         ORDER BY o.priority, o.next_attempt_at
         LIMIT least(p.allowance, $1)
-        FOR UPDATE OF o SKIP LOCKED
     ) picked
 ),
+chosen AS (
+    SELECT id FROM candidates ORDER BY priority, next_attempt_at LIMIT $1
+),
 due AS (
-    SELECT * FROM free
-    UNION ALL
-    SELECT * FROM policed
-    ORDER BY priority, next_attempt_at
-    LIMIT $1
+    SELECT {_DUE_COLUMNS}
+    FROM outbox o
+    WHERE o.id IN (SELECT id FROM chosen)
+      AND {_DUE}
+    FOR UPDATE OF o SKIP LOCKED
 ),{_LEASE_DUE}"""
 
 # Step (e): take $2[i] tokens from every rate window and from the throttle bucket of
