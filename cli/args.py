@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from outbox.dispatcher import times
+from outbox.dispatcher import operations, policy, times
 from outbox.dispatcher.addresses import unsafe_text
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 
@@ -96,6 +96,48 @@ def timestamp(text: str) -> datetime:
     The same grammar as the HTTP API's ``since`` and ``until``."""
     try:
         return times.parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rate(text: str) -> policy.Rate:
+    """A sending rate: ``40/s``, ``1000/h``, ``50000/d``, ``10/5m``."""
+    try:
+        return policy.parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def domain(text: str) -> str:
+    """A recipient domain, as its A-label in lower case (``bücher.de``: ``xn--bcher-kva.de``)."""
+    try:
+        return operations.domain_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def concurrency(text: str) -> int:
+    """A limit on mail in flight at once: 1 to ``operations.MAX_CONCURRENCY``."""
+    value = positive_int(text)
+    try:
+        return operations.check_concurrency(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def address(text: str) -> str:
+    """One email address (``ada@example.com``), as the suppression list takes it."""
+    try:
+        operations.address_key(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def reason(text: str) -> str:
+    """A suppression reason: 1 to 500 characters of plain text."""
+    try:
+        return operations.check_reason(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

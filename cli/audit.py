@@ -284,7 +284,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         summary = await ops.status_summary(conn, exact=ns.exact)
         if ns.json:
-            _print_json(summary)
+            from outbox.cli.policy import policy_json  # here: cli.policy imports this module
+
+            body = dataclasses.asdict(summary)
+            body["policies"] = [policy_json(p) for p in summary.policies]
+            _print_json(body)
             return 0
         queue = summary.queue
         out = sys.stdout
@@ -329,6 +333,12 @@ def cmd_status(ns: argparse.Namespace) -> int:
                         f"unreachable: {_clean(d.smtp_error, 200)}",
                         file=out,
                     )
+        if summary.policies:
+            from outbox.cli.policy import describe
+
+            print("sending policy (outbox limit list):", file=out)
+            for policy in summary.policies:
+                print(f"  {_clean(describe(policy))}", file=out)
         return 0
 
     return _run("status", work)

@@ -103,9 +103,10 @@ def build_parser() -> types.Parser:
     )
     migrate.set_defaults(handler=cmd_migrate)
 
-    from outbox.cli import audit
+    from outbox.cli import audit, policy
 
     audit.register(sub)
+    policy.register(sub)
     return parser
 
 

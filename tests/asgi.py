@@ -22,3 +22,20 @@ async def app_client(
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
             yield http
+
+
+#: The admin token of the in-process apps the admin tests talk to, and its header.
+ADMIN_TOKEN = "s3cret-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@asynccontextmanager
+async def admin_client(database_url: str, token: str | None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the whole app on ``database_url``, with ADMIN_TOKEN ``token`` (None:
+    admin endpoints closed). As a real client sees it: an exception in the app is a 500."""
+    from outbox.api.app import create_app
+    from outbox.dispatcher.settings import Settings
+
+    settings = Settings(database_url=database_url, admin_token=token)  # type: ignore[arg-type]
+    async with app_client(create_app(settings), raise_app_exceptions=False) as http:
+        yield http

@@ -58,6 +58,8 @@ async def set_status(db: asyncpg.Pool, outbox_id: int, status: str) -> None:
         "failed": f"status = 'failed', sent_at = NULL, attempts = attempts + 3, "
         f"last_smtp_code = 550, last_error = '550 5.1.1 no such user', {lease}",
         "cancelled": f"status = 'cancelled', sent_at = NULL, {lease}",
+        "suppressed": f"status = 'suppressed', sent_at = NULL, attempts = attempts + 1, "
+        f"last_error = 'recipient is on the suppression list', {lease}",
     }[status]
     await db.execute(f"UPDATE outbox SET {sql}, updated_at = now() WHERE id = $1", outbox_id)
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 
 from outbox.cli import migrate
 from outbox.cli.embedded_pg import EmbeddedPostgres
 from outbox.dispatcher.db import asyncpg_dsn
+from tests.asgi import ADMIN_TOKEN, admin_client
 from tests.smtp_server import SmtpServer
 
 TEMPLATE = "outbox_test_template"
@@ -142,3 +144,17 @@ async def empty_database_url(pg_server: PgServer) -> AsyncIterator[str]:
         yield pg_server.url(name)
     finally:
         await _admin(pg_server.admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def admin(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an app with ADMIN_TOKEN configured (requests still need ``AUTH``)."""
+    async with admin_client(database_url, ADMIN_TOKEN) as client:
+        yield client
+
+
+@pytest.fixture
+async def no_token(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an app without ADMIN_TOKEN: its admin endpoints are closed."""
+    async with admin_client(database_url, None) as client:
+        yield client

@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
 import pytest
 
-from outbox.api.app import create_app
 from outbox.dispatcher import queries
-from outbox.dispatcher.settings import Settings
-from tests.asgi import app_client
+from tests.asgi import ADMIN_TOKEN as TOKEN
+from tests.asgi import AUTH
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
-
-TOKEN = "s3cret-admin-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def _client(database_url: str, token: str | None) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(database_url=database_url, admin_token=token)  # type: ignore[arg-type]
-    app = create_app(settings)
-    async with app_client(app) as http:
-        yield http
-
-
-@pytest.fixture
-async def admin(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of an app with ADMIN_TOKEN configured (requests still need the header)."""
-    async for client in _client(database_url, TOKEN):
-        yield client
-
-
-@pytest.fixture
-async def no_token(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of an app without ADMIN_TOKEN."""
-    async for client in _client(database_url, None):
-        yield client
-
 
 ENDPOINTS = [
     ("GET", "/outbox"),

@@ -19,7 +19,9 @@ from outbox.api.admin_site import pages
 from outbox.api.admin_site.chart import layout, nice_ceiling
 from outbox.api.admin_site.session import FLASH_SECONDS, SESSION_SECONDS, Flash, Signer
 from outbox.api.app import create_app
+from outbox.dispatcher import operations as ops
 from outbox.dispatcher.db import create_pool
+from outbox.dispatcher.policy import Rate
 from outbox.dispatcher.settings import Settings
 from tests.asgi import app_client
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, statuses
@@ -105,6 +107,8 @@ PATHS = [
     ("GET", "/admin/mail/1"),
     ("POST", "/admin/mail/1/retry"),
     ("POST", "/admin/mail/1/cancel"),
+    ("POST", "/admin/policies/*/pause"),
+    ("POST", "/admin/policies/example.com/resume"),
     ("GET", "/admin/static/admin.css"),
     ("GET", "/admin/static/admin.js"),
 ]
@@ -496,6 +500,81 @@ async def test_actions_on_a_missing_mail(signed_in: httpx.AsyncClient, outbox_id
     assert missing.status_code == 404 and "No such mail" in missing.text
 
 
+async def test_the_sending_policy_and_the_suppression_list(
+    signed_in: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    await add_mail(db, "ada@example.com")
+    async with db.acquire() as conn:
+        await ops.set_limits(conn, "Example.com", rates=[Rate(40, 1), Rate(1000, 3600)])
+        await ops.set_limits(conn, None, concurrency=8)
+        await ops.pause(conn, "bücher.de")
+        await ops.suppress(conn, "eve@example.com", "<b>bounced</b>")
+    await db.execute(
+        "UPDATE outbox_policies SET throttle_rate = 2, throttle_base = 8, "
+        "throttled_at = now() WHERE domain = 'example.com'"
+    )
+    html = (await signed_in.get("/admin")).text
+    section = html[html.index('id="limits"') : html.index('id="suppressions"')]
+    rows = re.findall(r"<tr>\s*<td.*?</tr>", section, re.S)
+    assert len(rows) == 3
+    # Each row as the words a reader sees, one space between cells.
+    cells = [re.sub(r"<[^>]+>", "", re.sub(r"</td>", " ", row)) for row in rows]
+    text = [re.sub(r"\s+", " ", unescape(cell)).strip() for cell in cells]
+    n = pages._NONE  # what the page shows for nothing
+    assert text[0].startswith(f"All mail {n} 8 {n} 0 1 sending Pause")
+    assert text[1].startswith(f"example.com 40/s, 1000/h {n} ")
+    assert "throttled" in text[1] and "of 8/s, since" in text[1]
+    assert text[2].startswith(f"xn--bcher-kva.de {n} {n} {n} 0 0 paused Resume")
+    assert 'action="/admin/policies/xn--bcher-kva.de/resume"' in section
+    suppressions = html[html.index('id="suppressions"') :]
+    assert "eve@example.com" in suppressions and "1 address" in suppressions
+    assert "&lt;b&gt;bounced&lt;/b&gt;" in suppressions and "<b>bounced" not in suppressions
+
+
+async def test_pause_and_resume_from_the_page(
+    signed_in: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    paused = await _post(signed_in, "/admin/policies/*/pause")
+    assert paused.headers["location"] == "/admin#limits"
+    page = await signed_in.get(paused.headers["location"])
+    assert _flash(page.text) == (
+        "ok",
+        "Paused all mail: no dispatcher sends it until it is resumed.",
+    )
+    assert await db.fetchval("SELECT paused FROM outbox_policies WHERE domain = ''")
+    assert 'action="/admin/policies/*/resume"' in page.text
+    again = await _follow(signed_in, await _post(signed_in, "/admin/policies/*/pause"))
+    assert _flash(again.text) == ("ok", "all mail was paused already.")
+    resumed = await _follow(signed_in, await _post(signed_in, "/admin/policies/*/resume"))
+    assert _flash(resumed.text) == ("ok", "Resumed all mail: its mail goes out again.")
+    assert await db.fetchval("SELECT count(*) FROM outbox_policies") == 0
+    domain = await _follow(signed_in, await _post(signed_in, "/admin/policies/BÜCHER.de/pause"))
+    assert _flash(domain.text) == (
+        "ok",
+        "Paused xn--bcher-kva.de: no dispatcher sends it until it is resumed.",
+    )
+    bad = await _follow(signed_in, await _post(signed_in, "/admin/policies/a..b/pause"))
+    assert _flash(bad.text) == ("refused", "a..b is not a domain: nothing was changed.")
+    assert await db.fetchval("SELECT array_agg(domain) FROM outbox_policies") == [
+        "xn--bcher-kva.de"
+    ]
+
+
+async def test_pause_needs_the_session_and_its_csrf_token(
+    web: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    signed_out = await web.post("/admin/policies/*/pause", headers={"Origin": ORIGIN})
+    assert signed_out.status_code == 303
+    assert signed_out.headers["location"] == "/admin/sign-in"
+    await _sign_in(web)
+    for csrf in ("", "x"):
+        refused = await _post(web, "/admin/policies/*/pause", csrf=csrf)
+        assert refused.status_code == 403
+    elsewhere = await _post(web, "/admin/policies/*/pause", origin="http://evil.example")
+    assert elsewhere.status_code == 403
+    assert await db.fetchval("SELECT count(*) FROM outbox_policies") == 0
+
+
 # --- pages ----------------------------------------------------------------------------------
 
 
@@ -551,8 +630,10 @@ async def test_overview(signed_in: httpx.AsyncClient, db: asyncpg.Pool) -> None:
     assert "for 5 min" in html
     # Failures of the last hour.
     assert re.search(r"<dt>Failed for good</dt><dd class=\"bad\">1</dd>", html)
-    # The place for what does not exist yet.
-    assert 'id="limits"' in html and "Not available yet" in html
+    # The sending policy: all mail, not paused, with its traffic; no suppressions.
+    assert 'id="limits"' in html
+    assert 'action="/admin/policies/*/pause"' in html
+    assert "No address is suppressed." in html
 
 
 async def test_mail_detail_shows_the_timeline_and_the_explanation(

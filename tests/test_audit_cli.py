@@ -87,6 +87,7 @@ async def test_status(database_url: str, db: asyncpg.Pool) -> None:
         "sent": 2,
         "failed": 1,
         "cancelled": 0,
+        "suppressed": 0,
     }
     assert body["queue"]["oldest_due_pending_seconds"] >= 420
     assert body["dispatchers"][0]["name"] == "d-1" and body["dispatchers"][0]["live"]
@@ -230,23 +231,30 @@ async def test_prune(database_url: str, db: asyncpg.Pool) -> None:
 
     dry = await outbox("prune", "--older-than", "30d", "--dry-run", database_url=database_url)
     assert dry.code == 0, dry.err
-    assert dry.out.startswith("would delete 4 mails (sent 3, cancelled 1) and 1 attempts")
+    assert dry.out.startswith(
+        "would delete 4 mails (sent 3, cancelled 1, suppressed 0) and 1 attempts"
+    )
     assert len(await statuses(db)) == 8
 
     result = await outbox(
         "prune", "--older-than", "30d", "--batch-size", "1", database_url=database_url
     )
     assert result.code == 0, result.err
-    assert result.out.startswith("deleted 4 mails (sent 3, cancelled 1) and 1 attempts")
+    assert result.out.startswith(
+        "deleted 4 mails (sent 3, cancelled 1, suppressed 0) and 1 attempts"
+    )
     assert "prune: 1 mails deleted" in result.err  # progress from the first batch
-    assert "prune: 4 mails deleted (sent 3, cancelled 1), 1 attempts, 4 batches" in result.err
+    assert (
+        "prune: 4 mails deleted (sent 3, cancelled 1, suppressed 0), 1 attempts, 4 batches"
+        in result.err
+    )
     assert set(await statuses(db)) == kept
     assert old_cancelled not in await statuses(db)
 
     with_failed = await outbox(
         "prune", "--older-than", "30d", "--include-failed", database_url=database_url
     )
-    assert "deleted 1 mails (sent 0, cancelled 0, failed 1)" in with_failed.out
+    assert "deleted 1 mails (sent 0, cancelled 0, suppressed 0, failed 1)" in with_failed.out
     assert sorted((await statuses(db)).values()) == ["pending", "sending", "sent"]
 
 
@@ -264,7 +272,7 @@ async def test_keys_in_show_list_and_prune(database_url: str, db: asyncpg.Pool) 
 
     # The mail goes after its window; its key stays, until its own (longer) one ends.
     result = await outbox("prune", "--older-than", "30d", database_url=database_url)
-    assert result.out.startswith("deleted 1 mails (sent 1, cancelled 0)")
+    assert result.out.startswith("deleted 1 mails (sent 1, cancelled 0, suppressed 0)")
     assert "idempotency keys" not in result.out
     assert await db.fetchval("SELECT count(*) FROM outbox_keys") == 2
     await db.execute("UPDATE outbox_keys SET created_at = now() - interval '500 days'")

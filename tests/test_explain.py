@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import re
 from datetime import timedelta
 
 import asyncpg
@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from outbox.dispatcher import operations as ops
+from outbox.dispatcher.policy import Rate
+from tests.asgi import AUTH
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, set_status
-from tests.test_admin_api import AUTH, TOKEN, _client
 from tests.test_audit_cli import outbox
 
 MINUTE = timedelta(minutes=1)
@@ -189,6 +190,110 @@ async def test_held_back_by_the_operators_controls(
     assert seen == [mail, later]
 
 
+async def test_held_back_by_a_pause(db: asyncpg.Pool) -> None:
+    mail = await add_mail(db, "ada@bücher.de", age=MINUTE)
+    await live_dispatcher(db, "d-1")
+    async with db.acquire() as conn:
+        await ops.pause(conn, "BÜCHER.de")
+    why = await explain(db, mail)
+    assert why.summary == (
+        f"Mail {mail} is due but held back: Mail to xn--bcher-kva.de is paused by an "
+        "operator (outbox resume --domain xn--bcher-kva.de releases it)."
+    )
+    async with db.acquire() as conn:
+        await ops.pause(conn, None)
+    why = await explain(db, mail)
+    assert why.reasons[:2] == (
+        "All mail is paused by an operator (outbox resume releases it).",
+        "Mail to xn--bcher-kva.de is paused by an operator (outbox resume --domain "
+        "xn--bcher-kva.de releases it).",
+    )
+    assert why.reasons[2] == "Pending: due now for 1 minute."
+    other = await add_mail(db, "bob@example.com")
+    async with db.acquire() as conn:
+        await ops.resume(conn, None)
+    assert "goes with the next claim" in (await explain(db, other)).summary
+
+
+async def test_held_back_by_the_suppression_list(db: asyncpg.Pool) -> None:
+    mail = await add_mail(db, "Ada@Example.com")
+    async with db.acquire() as conn:
+        await ops.suppress(conn, "ada@EXAMPLE.com", "asked us to stop")
+    why = await explain(db, mail)
+    assert why.summary.startswith(
+        f"Mail {mail} is due but held back: Its recipient is on the suppression list since "
+    )
+    assert why.summary.endswith(
+        "(added by an operator: asked us to stop), so a dispatcher marks it suppressed "
+        "instead of sending it."
+    )
+
+
+async def test_held_back_by_the_limits(db: asyncpg.Pool) -> None:
+    await live_dispatcher(db, "worker-1")
+    await add_mail(db, "bob@example.com", status="sending")
+    mail = await add_mail(db, "ada@example.com")
+    async with db.acquire() as conn:
+        await ops.set_limits(conn, "example.com", rates=[Rate(2, 60)], concurrency=1)
+        await ops.set_limits(conn, None, rates=[Rate(100, 1)])
+    await db.execute("UPDATE outbox_rate_limits SET tokens = 0.5 WHERE domain = 'example.com'")
+    await db.execute(
+        "UPDATE outbox_policies SET throttle_rate = 2, throttle_base = 8, "
+        "throttled_at = now() - interval '15 seconds' WHERE domain = ''"
+    )
+    why = await explain(db, mail)
+    holds = [r for r in why.reasons if not r.startswith(("Pending", "Attempts", "1 "))]
+    assert holds[0] == (
+        "Mail to example.com is at its concurrency limit (1 being sent, at most 1 at once)."
+    )
+    assert holds[1].startswith("Mail to example.com has used up its rate of 2/m (the next mail")
+    assert holds[2].startswith("All mail is slowed down by the adaptive throttle since ")
+    # 15 seconds into its recovery from 2/s to 8/s: about 3.5/s.
+    assert re.search(
+        r"after temporary refusals of the SMTP server \(now 3\.[5-9]\d*/s, recovering to "
+        r"8/s\)\.$",
+        holds[2],
+    ), holds[2]
+    assert why.summary == f"Mail {mail} is due but held back: {holds[0]}"
+    # Limits with room to spare hold nothing back.
+    async with db.acquire() as conn:
+        await ops.set_limits(conn, "example.com", rates=[Rate(1000, 1)], concurrency=5)
+    await db.execute(
+        "UPDATE outbox_policies SET throttle_rate = NULL, throttle_base = NULL, throttled_at = NULL"
+    )
+    assert "goes with the next claim" in (await explain(db, mail)).summary
+
+
+async def test_a_suppressed_mail(db: asyncpg.Pool) -> None:
+    mail = await add_mail(db, "eve@example.com")
+    await db.execute("UPDATE outbox SET status = 'suppressed' WHERE id = $1", mail)
+    await db.execute(
+        "INSERT INTO outbox_suppressions (address_key, address, source, reason, outbox_id) "
+        "VALUES ('eve@example.com', 'Eve@example.com', 'smtp', '550 5.1.1 no such user', 7)"
+    )
+    why = await explain(db, mail)
+    assert why.status == "suppressed"
+    assert why.summary == (
+        f"Mail {mail} was suppressed just now and will not be sent: its recipient is on the "
+        "suppression list."
+    )
+    assert why.reasons[1].startswith("Eve@example.com is on the list since ")
+    assert why.reasons[1].endswith(
+        ": the SMTP server refused it permanently (mail 7): 550 5.1.1 no such user."
+    )
+    assert why.reasons[2] == (
+        f"To send it anyway: outbox unsuppress Eve@example.com, then outbox retry {mail}."
+    )
+    async with db.acquire() as conn:
+        assert await ops.unsuppress(conn, "eve@example.com")
+        why = await explain(db, mail)
+        assert why.reasons[1] == (
+            f"Its recipient is no longer on the suppression list: outbox retry {mail} sends it."
+        )
+        # Retried by id, it is queued again.
+        assert (await ops.retry(conn, [mail])).changed == (mail,)
+
+
 # --- sending ----------------------------------------------------------------------------------
 
 
@@ -337,6 +442,10 @@ async def test_cli(database_url: str, db: asyncpg.Pool) -> None:
         "last_reply",
     }
 
+    await db.execute("UPDATE outbox SET status = 'suppressed' WHERE id = $1", mail)
+    suppressed = await outbox("explain", str(mail), database_url=database_url)
+    assert suppressed.out.startswith(f"Mail {mail} was suppressed ")
+
     missing = await outbox("explain", "999", database_url=database_url)
     assert missing.code == 1
     assert missing.err.strip() == "outbox explain: no mail with id 999"
@@ -357,12 +466,6 @@ async def test_cli_uses_the_limits_set_here(
 
 
 # --- GET /outbox/{id} -------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def admin(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(database_url, TOKEN):
-        yield client
 
 
 async def test_api_detail_says_why(admin: httpx.AsyncClient, db: asyncpg.Pool) -> None:
@@ -391,3 +494,14 @@ async def test_api_detail_says_why(admin: httpx.AsyncClient, db: asyncpg.Pool) -
 
     schema = (await admin.get("/openapi.json")).json()["components"]["schemas"]
     assert "why" in schema["MailDetail"]["properties"] and "Why" in schema
+
+    held = await add_mail(db, "ada@example.com")
+    async with db.acquire() as conn:
+        await ops.pause(conn, "example.com")
+    body = (await admin.get(f"/outbox/{held}", headers=AUTH)).json()
+    assert body["why"]["summary"].startswith(f"Mail {held} is due but held back: Mail to ")
+    await db.execute("UPDATE outbox SET status = 'suppressed' WHERE id = $1", held)
+    suppressed = await admin.get(f"/outbox/{held}", headers=AUTH)
+    assert suppressed.status_code == 200 and suppressed.json()["status"] == "suppressed"
+    listed = await admin.get("/outbox", params={"status": "suppressed"}, headers=AUTH)
+    assert [item["id"] for item in listed.json()["items"]] == [held]

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from outbox.dispatcher import limits, queries
 from outbox.dispatcher import operations as ops
-from outbox.dispatcher import queries
 from outbox.dispatcher.db import Connection
+from outbox.dispatcher.policy import Rate
 from tests.audit_seed import (
     add_attempt,
     add_mail,
@@ -73,6 +74,7 @@ async def test_status_summary_counts_ages_dispatchers_and_failures(
         "sent": 3,
         "failed": 1,
         "cancelled": 1,
+        "suppressed": 0,
     }
     assert not summary.queue.sent_estimated
     assert summary.queue.due_pending == 1
@@ -117,7 +119,8 @@ async def test_queue_queries_can_use_the_partial_indexes(
     async with db.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + ops._QUEUE))
-    assert "outbox_claim_idx" in plan
+    # The live queue's partial indexes (the planner picks either claim index).
+    assert "outbox_claim_idx" in plan or "outbox_domain_claim_idx" in plan
     assert "outbox_failed_cancelled_idx" in plan
 
 
@@ -366,6 +369,7 @@ async def test_prune_deletes_old_finished_rows_and_never_pending_or_sending(
     old = 40 * DAY
     old_sent = [await add_mail(db, status="sent", age=old) for _ in range(5)]
     await add_mail(db, status="cancelled", age=old)
+    await add_mail(db, status="suppressed", age=old)
     old_failed = await add_mail(db, status="failed", age=old)
     old_pending = await add_mail(db, age=old)
     old_sending = await add_mail(db, status="sending", age=old)
@@ -379,21 +383,22 @@ async def test_prune_deletes_old_finished_rows_and_never_pending_or_sending(
     progress: list[ops.PruneResult] = []
 
     dry = await ops.prune(conn, older_than=30 * DAY, dry_run=True)
-    assert dry.deleted == {"sent": 5, "cancelled": 1} and dry.attempts_deleted == 10
-    assert len(await statuses(db)) == 11
+    assert dry.deleted == {"sent": 5, "cancelled": 1, "suppressed": 1}
+    assert dry.attempts_deleted == 10
+    assert len(await statuses(db)) == 12
 
     result = await ops.prune(conn, older_than=30 * DAY, batch_size=2, progress=progress.append)
 
-    assert result.deleted == {"sent": 5, "cancelled": 1}
+    assert result.deleted == {"sent": 5, "cancelled": 1, "suppressed": 1}
     assert result.attempts_deleted == 10
-    assert result.batches == 3
-    assert [p.total for p in progress] == [2, 4, 6]
+    assert result.batches == 4
+    assert [p.total for p in progress] == [2, 4, 6, 7]
     remaining = await statuses(db)
     assert set(remaining) == {old_failed, old_pending, old_sending, new_sent, late_sent}
     assert await db.fetchval("SELECT count(*) FROM outbox_attempts") == 0
 
     with_failed = await ops.prune(conn, older_than=30 * DAY, include_failed=True)
-    assert with_failed.deleted == {"sent": 0, "cancelled": 0, "failed": 1}
+    assert with_failed.deleted == {"sent": 0, "cancelled": 0, "suppressed": 0, "failed": 1}
     assert set(await statuses(db)) == {old_pending, old_sending, new_sent, late_sent}
 
     # Even a cutoff in the future never touches pending or sending rows.
@@ -427,6 +432,65 @@ async def test_prune_rejects_bad_arguments(db: asyncpg.Pool, conn: Connection) -
         await ops.prune(conn, older_than=DAY, batch_size=0)
     with pytest.raises(ValueError):
         await ops.prune(conn, older_than=-DAY)
+
+
+# --- sending policy ---------------------------------------------------------------------------
+
+
+async def test_policy_operations_refuse_bad_input(conn: Connection) -> None:
+    for bad in [
+        {"rates": None, "concurrency": None},
+        {"rates": []},
+        {"rates": [Rate(1, 1), Rate(5, 1)]},
+        {"concurrency": 0},
+        {"concurrency": ops.MAX_CONCURRENCY + 1},
+    ]:
+        with pytest.raises(ValueError):
+            await ops.set_limits(conn, None, **bad)  # type: ignore[arg-type]
+    for domain in ["", "a b", "-x.com", "x" * 300, "[::1]"]:
+        with pytest.raises(ValueError):
+            await ops.pause(conn, domain)
+    for address in ["", "ada", "ada@", "a b@example.com", "ada@exa mple.com", "x" * 400]:
+        with pytest.raises(ValueError):
+            await ops.suppress(conn, address)
+    with pytest.raises(ValueError):
+        await ops.suppress(conn, "ada@example.com", "two\nlines")
+    assert await conn.fetchval("SELECT count(*) FROM outbox_policies") == 0
+    assert await conn.fetchval("SELECT count(*) FROM outbox_suppressions") == 0
+
+
+async def test_policy_changes_never_deadlock_with_policed_claims(db: asyncpg.Pool) -> None:
+    # Operators change scopes (locking a policy row, then its rate windows) while
+    # dispatchers claim under limits (locking every policy row in order, then taking
+    # tokens): the lock order is the same, so neither ever waits for the other in a cycle.
+    for i in range(30):
+        await add_mail(db, f"user{i}@d{i % 3}.example")
+    for name in ("c-1", "c-2"):
+        await live_dispatcher(db, name)  # their leases are honoured
+    claimed: list[int] = []
+
+    async def claimer(name: str) -> None:
+        for _ in range(25):
+            async with db.acquire() as conn:
+                rows = await limits.claim(
+                    conn, limit=2, name=name, lease=60.0, stale_after=10.0, max_abandons=5
+                )
+            claimed.extend(r["id"] for r in rows)
+
+    async def operator(domain: str | None) -> None:
+        for _ in range(15):
+            async with db.acquire() as conn:
+                await ops.set_limits(conn, domain, rates=[Rate(1000, 1)], concurrency=100)
+                await ops.pause(conn, domain)
+                await ops.resume(conn, domain)
+                await ops.remove_limits(conn, domain)
+
+    await asyncio.wait_for(
+        asyncio.gather(claimer("c-1"), claimer("c-2"), operator(None), operator("d1.example")),
+        60,
+    )
+    assert len(claimed) == len(set(claimed))  # no mail claimed twice
+    assert await db.fetchval("SELECT count(*) FROM outbox_policies") == 0
 
 
 # --- migration --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The operator's web page, ``/admin``: overview, mail list, mail detail, retry and cancel.
+"""The operator's web page, ``/admin``: overview (with the sending policy and the
+suppression list), mail list, mail detail; retry, cancel, pause and resume.
 
 Served by the API when ``ADMIN_TOKEN`` is set; without it every ``/admin`` path answers
 404, exactly like a path that does not exist. Server-rendered HTML (Jinja2, autoescaped),
@@ -57,6 +58,10 @@ SESSION_COOKIE: Final = "outbox_admin"
 FLASH_COOKIE: Final = "outbox_admin_flash"
 #: Rows per page of the mail list unless ``limit`` says otherwise.
 PAGE_SIZE: Final = 50
+#: Entries of the suppression list the overview shows (the newest).
+SUPPRESSIONS_SHOWN: Final = 10
+#: The path segment that names the scope of all mail (as in the JSON endpoints).
+ALL_MAIL_SEGMENT: Final = "*"
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -192,7 +197,7 @@ _templates = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_templates.filters.update(text=_text, plain=_plain, when=_when, span=_span)
+_templates.filters.update(text=_text, plain=_plain, when=_when, span=_span, rate=ops.rate_words)
 _templates.globals.update(
     asset=_asset_url,
     relative=_relative,
@@ -498,6 +503,11 @@ async def overview(request: Request) -> Response:
         summary = await ops.status_summary(conn)
         points = await ops.sent_per_minute(conn, minutes=60)
         held = await ops.rows_held(conn)
+        suppressions = await ops.list_suppressions(conn, limit=SUPPRESSIONS_SHOWN)
+        # All mail is always listed (so that it can be paused), with a policy or not.
+        policies = list(summary.policies)
+        if not policies or policies[0].domain is not None:
+            policies.insert(0, await ops.get_policy(conn, None))
     now = summary.checked_at
     dispatchers = [
         _DispatcherView(
@@ -529,6 +539,8 @@ async def overview(request: Request) -> Response:
         dispatchers=shown,
         silent=len(dispatchers) - len(shown),
         paused=[d for d in dispatchers if d.live and d.smtp_error],
+        policies=policies,
+        suppressions=suppressions,
     )
 
 
@@ -745,3 +757,54 @@ async def _change(
     log.info(f"admin.{action}", extra={"outbox_id": number, "via": "page", "now": now})
     flash = Flash("ok", _DONE[(action, now and action == "retry")].format(id=number))
     return _redirect(request, target, flash, visitor.signer)
+
+
+# --- Sending policy: pause and resume -----------------------------------------------------------
+
+
+@router.post("/policies/{scope}/pause")
+async def pause(scope: str, request: Request) -> Response:
+    checked = await _checked_post(request)
+    if isinstance(checked, Response):
+        return checked
+    visitor, _ = checked
+    return await _pause_or_resume(request, visitor, scope, "pause")
+
+
+@router.post("/policies/{scope}/resume")
+async def resume(scope: str, request: Request) -> Response:
+    checked = await _checked_post(request)
+    if isinstance(checked, Response):
+        return checked
+    visitor, _ = checked
+    return await _pause_or_resume(request, visitor, scope, "resume")
+
+
+async def _pause_or_resume(
+    request: Request, visitor: _Visitor, scope: str, action: str
+) -> Response:
+    target = f"{PREFIX}#limits"
+    domain: str | None = None
+    if scope != ALL_MAIL_SEGMENT:
+        try:
+            domain = ops.domain_name(scope)
+        except ValueError:
+            flash = Flash("refused", f"{scope} is not a domain: nothing was changed.")
+            return _redirect(request, target, flash, visitor.signer)
+    name = ops.scope_name(domain)
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as conn:
+        if action == "pause":
+            changed = await ops.pause(conn, domain)
+        else:
+            changed = await ops.resume(conn, domain)
+    if not changed:
+        state = "paused already" if action == "pause" else "not paused"
+        return _redirect(request, target, Flash("ok", f"{name} was {state}."), visitor.signer)
+    log.info(f"admin.{action}", extra={"scope": name, "via": "page"})
+    text = (
+        f"Paused {name}: no dispatcher sends it until it is resumed."
+        if action == "pause"
+        else f"Resumed {name}: its mail goes out again."
+    )
+    return _redirect(request, target, Flash("ok", text), visitor.signer)
