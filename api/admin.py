@@ -411,8 +411,8 @@ class RateWindow(BaseModel):
 class Throttle(BaseModel):
     """The adaptive throttle: temporary refusals (421, 450, 451, 454) slowed the scope."""
 
-    rate: float = Field(description="Mails per second now, recovering linearly to `base`.")
-    base: float = Field(description="Mails per second it recovers to.")
+    rate: float = Field(description="Mails per second now, rising linearly until a refusal.")
+    base: float = Field(description="Mails per second the last refusal halved.")
     since: datetime = Field(description="When the last refusal slowed it down.")
 
 

@@ -23,8 +23,8 @@ once), and real ``outbox dispatcher`` processes. Five measurements:
    most mails in any one-second window (bound: rate + burst = 10) and most in flight at
    the sink (bound: 2).
 4. adaptive: no limit configured, but the sink answers ``421`` to limited.example beyond 5
-   mails a second (as a provider does): 421 replies and attempts per delivered mail over
-   30 s, and the effective rate the throttle settled on.
+   mails a second (as a provider does): the rate delivered against those 5/s, 421 replies
+   and attempts per delivered mail over 30 s, and the throttle as last set.
 5. priority: one priority-0 mail enqueued while ``--backlog`` priority-5 mails drain:
    commit -> SMTP accepted, against the same on an idle dispatcher (target within 2x).
 """
@@ -355,8 +355,8 @@ async def adaptive(pg: EmbeddedPostgres, workdir: Path, ns: argparse.Namespace) 
     )
     if effective is not None and effective["throttle_rate"] is not None:
         print(
-            f"   throttle as last set: {effective['throttle_rate']:.2f}/s recovering to "
-            f"{effective['throttle_base']:.2f}/s",
+            f"   throttle as last set: {effective['throttle_base']:.2f}/s halved to "
+            f"{effective['throttle_rate']:.2f}/s (then rising by that every 10 s)",
             flush=True,
         )
 

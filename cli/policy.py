@@ -142,7 +142,7 @@ def _throttle(p: ops.Policy) -> str:
     if p.throttle is None:
         return "-"
     rate, base = ops.rate_words(p.throttle.rate), ops.rate_words(p.throttle.base)
-    return f"{rate} of {base} since {_time(p.throttle.since)} UTC"
+    return f"{rate} (halved from {base} at {_time(p.throttle.since)} UTC)"
 
 
 def describe(p: ops.Policy) -> str:

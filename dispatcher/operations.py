@@ -828,7 +828,7 @@ async def hold_reasons(conn: Connection, row: MailRow) -> tuple[str, ...]:
             holds.append(
                 f"{_scope_words(p)} is slowed down by the adaptive throttle since "
                 f"{_at(p.throttle.since)}, after temporary refusals of the SMTP server (now "
-                f"{rate_words(p.throttle.rate)}, recovering to {rate_words(p.throttle.base)})"
+                f"{rate_words(p.throttle.rate)}, halved from {rate_words(p.throttle.base)})"
             )
     return tuple(holds)
 
@@ -1600,9 +1600,9 @@ class RateWindow:
 class Throttle:
     """The adaptive throttle of a scope: temporary refusals slowed it down."""
 
-    #: Mails per second now (it recovers linearly towards ``base``).
+    #: Mails per second now (rising linearly until the next refusal: policy.effective_rate).
     rate: float
-    #: Mails per second it recovers to.
+    #: Mails per second the last refusal halved.
     base: float
     #: When the last temporary refusal slowed it down.
     since: datetime
@@ -1897,7 +1897,7 @@ def _policies(
     policies = []
     for r in records:
         throttle = None
-        rate = effective_rate(r["throttle_rate"], r["throttle_base"], r["throttled_at"], r["now"])
+        rate = effective_rate(r["throttle_rate"], r["throttled_at"], r["now"])
         if rate is not None:  # None once it has recovered
             throttle = Throttle(rate=rate, base=r["throttle_base"], since=r["throttled_at"])
         policies.append(

@@ -8,10 +8,12 @@ any stretch of ``t`` seconds a rate lets through at most ``rate * t + burst`` ma
 
 Adaptive throttling: a 421, 450, 451 or 454 reply slows its scope down (the recipient's
 domain for a reply to RCPT, all mail for one to MAIL or DATA, which the relay gives).
-The scope's rate is halved, at most once a second, never below one mail a minute, and
-then recovers linearly to the rate it had over :data:`RECOVERY_SECONDS`, after which the
-throttle is gone. The database applies it (``dispatcher.limits``, ``dispatcher.queries``);
-the functions here are the same arithmetic, for tests and for showing it to operators.
+The scope's rate is halved, at most once a second, never below one mail a minute, then
+rises linearly by the halved rate every :data:`RAMP_SECONDS` (additive increase: back
+where it was after one ramp, and on, probing for what the server takes) until the next
+signal halves it again; :data:`RECOVERY_SECONDS` without a signal end the throttle. The
+database applies it (``dispatcher.limits``, ``dispatcher.queries``); the functions here
+are the same arithmetic, for tests and for showing it to operators.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "HALVING_INTERVAL",
     "MIN_THROTTLE_RATE",
     "OBSERVED_SECONDS",
+    "RAMP_SECONDS",
     "RECOVERY_SECONDS",
     "RELAY_STAGES",
     "THROTTLE_CODES",
@@ -104,8 +107,10 @@ def parse_rate(text: str) -> Rate:
 THROTTLE_CODES = frozenset({421, 450, 451, 454})
 #: Stages at which such a reply is about the relay as a whole, not the recipient's domain.
 RELAY_STAGES = frozenset({"mail", "data", "end_of_data"})
-#: Seconds a throttled scope takes to recover linearly to its rate before the throttle.
+#: A throttle ends this many seconds after its last signal.
 RECOVERY_SECONDS = 60.0
+#: A throttled rate grows by itself every this many seconds (linearly).
+RAMP_SECONDS = 10.0
 #: A throttle halves a scope's rate at most once per this many seconds, however many
 #: replies arrive (the mail in flight when the first came all answer the same).
 HALVING_INTERVAL = 1.0
@@ -113,7 +118,7 @@ HALVING_INTERVAL = 1.0
 MIN_THROTTLE_RATE = 1 / 60
 #: The throttle of a scope without a configured rate starts from the rate it was seen to
 #: send at: attempts finished in the last this many seconds.
-OBSERVED_SECONDS = 10.0
+OBSERVED_SECONDS = 2.0
 
 
 def throttle_scope(
@@ -134,21 +139,19 @@ def throttle_scope(
     return None
 
 
-def effective_rate(
-    rate: float | None, base: float | None, since: datetime | None, now: datetime
-) -> float | None:
+def effective_rate(rate: float | None, since: datetime | None, now: datetime) -> float | None:
     """A throttle's rate at ``now``, in mails per second; None when there is none.
 
-    ``rate``, ``base`` and ``since`` are ``outbox_policies.throttle_rate``,
-    ``throttle_base`` and ``throttled_at``: the rate starts at ``rate`` and rises linearly
-    to ``base`` over :data:`RECOVERY_SECONDS`, after which the throttle no longer applies.
+    ``rate`` and ``since`` are ``outbox_policies.throttle_rate`` and ``throttled_at``: the
+    rate starts at ``rate`` and grows by ``rate`` every :data:`RAMP_SECONDS`; the throttle
+    ends :data:`RECOVERY_SECONDS` after ``since``.
     """
-    if rate is None or base is None or since is None:
+    if rate is None or since is None:
         return None
     elapsed = (now - since).total_seconds()
     if elapsed >= RECOVERY_SECONDS:
         return None
-    return rate + (base - rate) * max(0.0, elapsed) / RECOVERY_SECONDS
+    return rate * (1 + max(0.0, elapsed) / RAMP_SECONDS)
 
 
 def observed_rate(finished: int) -> float:

@@ -14,6 +14,7 @@ from outbox.dispatcher.policy import (
     HALVING_INTERVAL,
     MIN_THROTTLE_RATE,
     OBSERVED_SECONDS,
+    RAMP_SECONDS,
     RECOVERY_SECONDS,
 )
 
@@ -218,11 +219,11 @@ def _window_tokens(clock: str) -> str:
 
 def _throttle_rate(clock: str) -> str:
     """SQL: the effective rate of policy row ``p``'s throttle at ``clock`` (policy.
-    effective_rate): throttle_rate rising linearly to throttle_base; NULL once recovered."""
+    effective_rate): throttle_rate growing by itself every RAMP_SECONDS; NULL once over."""
     return f"""(CASE WHEN p.throttled_at > {clock} - interval '{RECOVERY_SECONDS:g} seconds'
-          THEN p.throttle_rate + (p.throttle_base - p.throttle_rate)
-               * greatest(0, extract(epoch FROM {clock} - p.throttled_at)::float8)
-               / {RECOVERY_SECONDS:g}
+          THEN p.throttle_rate
+               * (1 + greatest(0, extract(epoch FROM {clock} - p.throttled_at)::float8)
+                      / {RAMP_SECONDS:g})
      END)"""
 
 
@@ -398,11 +399,11 @@ WHERE p.domain = taken.domain
 # Adaptive throttling: the scopes $1 (text[], in order: the row locks are taken in it,
 # so concurrent recorders cannot deadlock) got a "slow down" reply (policy.throttle_scope).
 # Each one's rate is halved (policy.halved): the current effective rate if the scope is
-# throttled already (its base stays: it recovers towards the rate it had before the
-# first signal), else its slowest configured rate, else the rate it was observed to send
-# at (policy.throttle_start). At most once per HALVING_INTERVAL per scope: the check is
-# in ON CONFLICT's WHERE, which sees the latest row under its lock, so concurrent
-# recorders halve a scope once between them. The throttle's bucket starts empty. The
+# throttled already, else its slowest configured rate, else the rate it was observed to
+# send at (policy.throttle_start); throttle_base keeps the rate it was halved from. At
+# most once per HALVING_INTERVAL per scope: the check is in ON CONFLICT's WHERE, which
+# sees the latest row under its lock, so concurrent recorders halve a scope once between
+# them. The throttle's bucket starts empty. The
 # observed rate counts attempts through outbox_attempts_finished_at_idx, and only for a
 # scope that is neither throttled nor configured (COALESCE evaluates lazily).
 # Returns the scopes halved now, with their new rate.
@@ -446,9 +447,7 @@ ON CONFLICT (domain) DO UPDATE
 SET throttle_rate = greatest({MIN_THROTTLE_RATE!r}::float8,
                              coalesce({_throttle_rate("excluded.throttled_at")},
                                       excluded.throttle_base) / 2),
-    throttle_base = CASE WHEN p.throttled_at
-                              > excluded.throttled_at - interval '{RECOVERY_SECONDS:g} seconds'
-                         THEN p.throttle_base ELSE excluded.throttle_base END,
+    throttle_base = coalesce({_throttle_rate("excluded.throttled_at")}, excluded.throttle_base),
     throttled_at = excluded.throttled_at,
     throttle_tokens = 0,
     throttle_refreshed_at = excluded.throttled_at,
@@ -462,7 +461,7 @@ RETURNING p.domain, p.throttle_rate
 # admin page: paused, concurrency and the mail in flight ('sending'), the rate windows
 # (per_seconds, max_count, burst and the tokens they hold now, in per_seconds order),
 # the throttle's columns and the database's ``now``. The throttle's effective rate is
-# policy.effective_rate(throttle_rate, throttle_base, throttled_at, now) (None when it has
+# policy.effective_rate(throttle_rate, throttled_at, now) (None when it has
 # recovered), and the rate the scope may send at policy.limiting_rate(...).
 LIST_POLICIES = f"""
 SELECT p.domain, p.paused, p.concurrency,

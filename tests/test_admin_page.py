@@ -523,7 +523,7 @@ async def test_the_sending_policy_and_the_suppression_list(
     n = pages._NONE  # what the page shows for nothing
     assert text[0].startswith(f"All mail {n} 8 {n} 0 1 sending Pause")
     assert text[1].startswith(f"example.com 40/s, 1000/h {n} ")
-    assert "throttled" in text[1] and "of 8/s, since" in text[1]
+    assert "throttled" in text[1] and "2/s, halved from 8/s now" in text[1]
     assert text[2].startswith(f"xn--bcher-kva.de {n} {n} {n} 0 0 paused Resume")
     assert 'action="/admin/policies/xn--bcher-kva.de/resume"' in section
     suppressions = html[html.index('id="suppressions"') :]

@@ -203,18 +203,22 @@ async def test_pause_resume_and_status(database_url: str, db: asyncpg.Pool) -> N
 
 
 async def test_a_throttled_scope(database_url: str, db: asyncpg.Pool) -> None:
-    # As the dispatchers leave a scope after a 421: slowed to 1/s, recovering to 4/s.
+    # As the dispatchers leave a scope after a 421: 2/s halved to 1/s, rising again.
     await db.execute(
         "INSERT INTO outbox_policies (domain, throttle_rate, throttle_base, throttled_at) "
-        "VALUES ('example.com', 1, 4, now())"
+        "VALUES ('example.com', 1, 2, now())"
     )
     listed = json.loads(ok(await outbox("limit", "list", "--json", database_url=database_url)))
     throttle = listed["items"][0]["throttle"]
-    assert 1 <= throttle["rate"] < 1.5 and throttle["base"] == 4.0
+    assert 1 <= throttle["rate"] < 1.5 and throttle["base"] == 2.0
     table = ok(await outbox("limit", "list", database_url=database_url))
-    assert re.search(r"example\.com +- +- +- +1(\.\d+)?/s of 4/s since \d{4}-", table), table
+    assert re.search(r"example\.com +- +- +- +1(\.\d+)?/s \(halved from 2/s at \d{4}-", table), (
+        table
+    )
     status = ok(await outbox("status", database_url=database_url))
-    assert re.search(r"  example\.com: throttled to 1(\.\d+)?/s of 4/s since ", status), status
+    assert re.search(r"  example\.com: throttled to 1(\.\d+)?/s \(halved from 2/s at ", status), (
+        status
+    )
     # A throttle does not go with `limit rm`: it is the dispatchers' to lift.
     assert (
         await outbox("limit", "rm", "--domain", "example.com", database_url=database_url)

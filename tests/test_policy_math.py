@@ -105,22 +105,24 @@ def test_throttle_signals(outcome: str, code: int | None, stage: str, scope: str
 @pytest.mark.parametrize(
     ("seconds", "expected"),
     [
-        (-1.0, 10.0),  # a clock a little behind: not yet recovering
+        (-1.0, 10.0),  # a clock a little behind: not rising yet
         (0.0, 10.0),
-        (15.0, 32.5),
-        (30.0, 55.0),
-        (59.0, 98.5),
-        (RECOVERY_SECONDS, None),  # recovered: the throttle no longer applies
+        (5.0, 15.0),  # + the halved rate every RAMP_SECONDS (10)
+        (10.0, 20.0),
+        (59.0, 69.0),
+        (RECOVERY_SECONDS, None),  # a minute without a refusal: the throttle is over
         (3600.0, None),
     ],
 )
-def test_effective_rate_recovers_linearly_to_its_base(seconds: float, expected: float) -> None:
+def test_effective_rate_rises_linearly_until_the_throttle_ends(
+    seconds: float, expected: float
+) -> None:
     now = T0 + timedelta(seconds=seconds)
-    assert effective_rate(10.0, 100.0, T0, now) == pytest.approx(expected)
+    assert effective_rate(10.0, T0, now) == pytest.approx(expected)
 
 
 def test_no_throttle_has_no_effective_rate() -> None:
-    assert effective_rate(None, None, None, T0) is None
+    assert effective_rate(None, None, T0) is None
 
 
 def test_multiplicative_decrease() -> None:
@@ -132,7 +134,7 @@ def test_multiplicative_decrease() -> None:
     assert throttle_start(None, [40.0, 0.5], 3.0) == 0.5
     assert throttle_start(None, [], 3.0) == 3.0
     assert observed_rate(0) == 1.0  # at least one a second
-    assert observed_rate(55) == 5.5
+    assert observed_rate(55) == 27.5  # over the last 2 seconds
 
 
 def test_bucket_and_limiting_rate() -> None:
