@@ -1,7 +1,7 @@
 """Fleet-wide sending policy, enforced through PostgreSQL: the policed claim and the throttle.
 
 Every dispatcher, on every machine, claims through :func:`claim`. With no policy at all
-it is the plain claim (``queries.CLAIM``) after one cheap existence check. With any, the
+it is the plain claim, one statement (``queries.CLAIM_UNLESS_POLICED``). With any, the
 claim runs in a transaction that locks every ``outbox_policies`` row first: policed claims
 of the whole fleet take turns, so each sees the tokens and the mail in flight exactly as
 the previous one left them, and no limit is overrun by dispatchers claiming at once. The
@@ -42,10 +42,12 @@ async def claim(
     own, or in the caller's (which must be READ COMMITTED; the policy rows then stay
     locked until it ends).
     """
-    if not await conn.fetchval(queries.POLICIES_EXIST):
-        # No policy: exactly the claim without limits (one statement, one round trip).
-        return await conn.fetch(queries.CLAIM, limit, name, lease, stale_after, max_abandons)
     args = (limit, name, lease, stale_after, max_abandons)
+    # No policy: exactly the claim without limits (one statement, one round trip). It
+    # claims nothing while any policy exists; only then is the policed claim worth a look.
+    claimed = await conn.fetch(queries.CLAIM_UNLESS_POLICED, *args)
+    if claimed or not await conn.fetchval(queries.POLICIES_EXIST):
+        return claimed
     if conn.is_in_transaction():
         return await _policed_claim(conn, *args)
     async with conn.transaction(isolation="read_committed"):

@@ -72,6 +72,12 @@ FORMATS = ("json", "console")
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Send all logging to stderr, as JSON lines or readable console lines (idempotent)."""
+    # Records carry none of what no formatter here prints: no caller lookup (a frame walk
+    # per record), no thread, process or task names. A dispatcher logs a line per mail.
+    logging._srcfile = None  # documented in the logging HOWTO, "Optimization"
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ConsoleFormatter() if fmt == "console" else JsonFormatter())
     root = logging.getLogger()

@@ -185,15 +185,26 @@ RETURNING o.id, o.message_id, o.sender, o.recipient, o.recipient_name, o.subject
                   WHERE s.address_key = o.recipient_key) AS suppressed
 """
 
-CLAIM = f"""
+
+def _claim(condition: str = "") -> str:
+    return f"""
 WITH due AS (
     SELECT {_DUE_COLUMNS}
     FROM outbox o
-    WHERE {_DUE}
+    WHERE {_DUE}{condition}
     ORDER BY o.priority, o.next_attempt_at
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED
 ),{_LEASE_DUE}"""
+
+
+CLAIM = _claim()
+
+# CLAIM as dispatcher.limits.claim tries it first: the same, but nothing at all while any
+# sending policy exists (then the policed claim decides). So a claim without policies is
+# still one statement, one round trip. (An uncorrelated condition: evaluated once, before
+# the scan, which it skips when false.)
+CLAIM_UNLESS_POLICED = _claim("\n      AND NOT EXISTS (SELECT 1 FROM outbox_policies)")
 
 # Seconds until the earliest pending mail is due (negative if one already is, NULL if
 # none is pending): lets an idle dispatcher wake for a scheduled retry on time. Served by
@@ -242,8 +253,8 @@ def _throttle_tokens(clock: str, rate: str) -> str:
      END)"""
 
 
-# Whether any scope has a policy: with none, dispatcher.limits.claim runs plain CLAIM
-# (limits cost nothing when there are none). A cheap read of a tiny table.
+# Whether any scope has a policy (when CLAIM_UNLESS_POLICED found nothing): only then does
+# dispatcher.limits.claim take the policed way. A cheap read of a tiny table.
 POLICIES_EXIST = "SELECT EXISTS (SELECT 1 FROM outbox_policies)"
 
 # Step (a) of a policed claim: lock every policy row, in one global order (no deadlocks
@@ -511,6 +522,13 @@ WITH outcome AS (
          AS t(id, token, attempt, outcome, smtp_code, smtp_reply, error, started_at,
               finished_at, retry_in, smtp_stage)
 ),
+-- The rows' locks, taken in id order (LOCK_FOR_RECORD's order): two dispatchers that
+-- record outcomes for the same rows (one of them after losing its lease) queue behind
+-- each other instead of deadlocking. The update below changes only rows it gets from
+-- here, so it never takes a row's lock out of that order.
+locked AS (
+    SELECT o.id FROM outbox o WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR UPDATE
+),
 updated AS (
     UPDATE outbox o
     SET status = CASE WHEN outcome.outcome IN ('deferred', 'unknown') THEN 'pending'
@@ -524,7 +542,7 @@ updated AS (
         last_error = CASE WHEN outcome.outcome = 'sent' THEN NULL
                           ELSE coalesce(outcome.error, outcome.smtp_reply) END,
         updated_at = now()
-    FROM outcome
+    FROM outcome JOIN locked ON locked.id = outcome.id
     WHERE o.id = outcome.id AND o.lease_token = outcome.token AND o.status = 'sending'
     RETURNING o.id, o.recipient, o.recipient_key
 ),

@@ -261,21 +261,24 @@ class PgStore:
     async def record(self, dispatcher: str, batch: Sequence[Outcome | Release]) -> Recorded:
         outcomes = [item for item in batch if isinstance(item, Outcome)]
         releases = [item for item in batch if isinstance(item, Release)]
-        async with self._pool.acquire() as conn, conn.transaction():
-            if len(batch) > 1:
-                await conn.execute(queries.LOCK_FOR_RECORD, [item.mail.id for item in batch])
-            recorded = (
-                await conn.fetch(queries.RECORD, *_record_args(dispatcher, outcomes))
-                if outcomes
-                else []
-            )
+        async with self._pool.acquire() as conn:
             if releases:
-                await conn.execute(
-                    queries.RELEASE,
-                    [r.mail.id for r in releases],
-                    [r.mail.lease_token for r in releases],
-                )
-            # "Slow down" replies throttle their domain (or the relay) for the whole fleet.
+                async with conn.transaction():
+                    await conn.execute(queries.LOCK_FOR_RECORD, [item.mail.id for item in batch])
+                    recorded = (
+                        await conn.fetch(queries.RECORD, *_record_args(dispatcher, outcomes))
+                        if outcomes
+                        else []
+                    )
+                    await conn.execute(
+                        queries.RELEASE,
+                        [r.mail.id for r in releases],
+                        [r.mail.lease_token for r in releases],
+                    )
+            else:  # the common case: one statement, atomic by itself, one round trip
+                recorded = await conn.fetch(queries.RECORD, *_record_args(dispatcher, outcomes))
+            # "Slow down" replies throttle their domain (or the relay) for the whole fleet
+            # (no statement at all without one).
             throttled = await limits.record_throttles(
                 conn,
                 (
