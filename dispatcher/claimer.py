@@ -58,8 +58,9 @@ class Claimer:
                 unsure = not await self._release_unknown()
             room = high_water - shared.outstanding
             wanted = min(cfg.batch_size, high_water)
-            # Claim in batches: wait for a batch's worth of room unless senders are idle.
-            if room <= 0 or (room < wanted and not shared.queue.empty()):
+            # Claim in batches: wait for a batch's worth of room unless senders are idle
+            # or urgent mail came in.
+            if room <= 0 or (room < wanted and not shared.queue.empty() and not shared.urgent):
                 shared.room.clear()
                 await shared.wait_any(shared.room, cfg.poll_interval)
                 continue
@@ -71,6 +72,7 @@ class Claimer:
                 await shared.sleep(cfg.heartbeat_interval)
                 continue
             shared.wake.clear()
+            shared.urgent = False
             now = time.monotonic()  # before the claim: a lapse during it voids it too
             claim_started_ns = time.time_ns()
             try:

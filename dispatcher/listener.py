@@ -46,7 +46,7 @@ class Listener:
             lost = asyncio.Event()
             subscription: Subscription | None = None
             try:
-                subscription = await self._store.listen(self._name, wake.set, lost.set)
+                subscription = await self._store.listen(self._name, self._shared.notified, lost.set)
                 if attempt:
                     self._log.info("listener.rebuilt")
                 attempt = 0

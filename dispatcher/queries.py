@@ -23,10 +23,12 @@ NOTIFY_CHANNEL = "outbox_mail"
 
 # Insert one mail and wake the dispatchers in the same statement (one round trip).
 # pg_notify runs inside the caller's transaction, so the wake-up is delivered only
-# if, and when, the mail commits. $1..$11 are the mail (see outbox._mail_params): $9 its
-# priority, $10 and $11 the recipient's domain (A-label, lower case: the scope its limits
-# are set for) and mailbox key (what the suppression list is keyed by), computed in
-# Python because IDNA and Unicode case folding are not SQL's. $12 is the enqueuing span's
+# if, and when, the mail commits; its payload is the mail's priority (a dispatcher claims
+# at once for mail more urgent than the default). $1..$11 are the mail (see
+# outbox._mail_params): $9 its priority, $10 and $11 the recipient's domain (A-label,
+# lower case: the scope its limits are set for) and mailbox key (what the suppression
+# list is keyed by), computed in Python because IDNA and Unicode case folding are not
+# SQL's. $12 is the enqueuing span's
 # W3C traceparent, NULL when it is not traced (dispatcher.tracing).
 ENQUEUE = """
 WITH inserted AS (
@@ -34,9 +36,10 @@ WITH inserted AS (
                         body_text, body_html, next_attempt_at, priority, recipient_domain,
                         recipient_key, trace_context)
     VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12)
-    RETURNING id, created_at
+    RETURNING id, created_at, priority
 )
-SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
+SELECT id, created_at, pg_notify('outbox_mail', priority::text) AS _  -- NOTIFY_CHANNEL
+FROM inserted
 """
 
 # ENQUEUE under the idempotency key $12 (parameters $1..$11 as in ENQUEUE, the
@@ -63,9 +66,10 @@ inserted AS (
     SELECT fresh.outbox_id, $1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, now()),
            $9::smallint, $10::text, $11::text, $12, $13::text
     FROM fresh
-    RETURNING id, created_at
+    RETURNING id, created_at, priority
 )
-SELECT id, created_at, pg_notify('outbox_mail', '') AS _ FROM inserted  -- NOTIFY_CHANNEL
+SELECT id, created_at, pg_notify('outbox_mail', priority::text) AS _  -- NOTIFY_CHANNEL
+FROM inserted
 """
 
 # The mail key $1 made, after ENQUEUE_KEYED found the key taken. A separate statement: in
@@ -93,10 +97,10 @@ inserted AS (
            ${m6}::text, ${m7}::text, coalesce(${m8}::timestamptz, now()), ${m9}::smallint,
            ${m10}::text, ${m11}::text, ${m12}::text
     FROM written
-    RETURNING id, created_at
+    RETURNING id, created_at, priority
 )
 SELECT written.*, inserted.id AS outbox_id, inserted.created_at AS outbox_created_at,
-       pg_notify('outbox_mail', '') AS outbox_notified  -- NOTIFY_CHANNEL
+       pg_notify('outbox_mail', inserted.priority::text) AS outbox_notified  -- NOTIFY_CHANNEL
 FROM written, inserted
 """
 

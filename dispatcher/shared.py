@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -16,7 +18,11 @@ from typing import Any
 from outbox.dispatcher.backoff import full_jitter
 from outbox.dispatcher.store import ClaimedMail, Outcome, Release
 
-__all__ = ["BoundLog", "Claim", "Shared", "mail_fields"]
+__all__ = ["BoundLog", "Claim", "ClaimQueue", "Shared", "mail_fields"]
+
+#: Mail enqueued at a priority below this (more urgent than the default) is claimed at
+#: once when its NOTIFY arrives, with whatever room the senders have.
+URGENT_BELOW = 5
 
 
 class BoundLog(logging.LoggerAdapter[logging.Logger]):
@@ -61,6 +67,26 @@ class Claim:
         return mail_fields(self.mail)
 
 
+class ClaimQueue(asyncio.Queue["Claim | None"]):
+    """The claims waiting for a sender, most urgent first (then in the order claimed).
+
+    A claim batch is in priority order already; this keeps a priority-0 mail claimed
+    while others wait ahead of them, not behind. None (a sender's cue to stop) comes last.
+    """
+
+    # asyncio.Queue's own extension points, as asyncio.PriorityQueue uses them.
+    def _init(self, maxsize: int) -> None:
+        self._queue: list[tuple[int, int, Claim | None]] = []  # a heap
+        self._order = itertools.count()
+
+    def _put(self, item: Claim | None) -> None:
+        rank = 10 if item is None else item.mail.priority
+        heapq.heappush(self._queue, (rank, next(self._order), item))
+
+    def _get(self) -> Claim | None:
+        return heapq.heappop(self._queue)[2]
+
+
 def _db_backoff(attempt: int) -> float:
     return full_jitter(attempt, 0.2, 5.0) + 0.1
 
@@ -73,12 +99,15 @@ class Shared:
         self.stop = asyncio.Event()
         #: Mail may have been enqueued (NOTIFY, or the listener was away): claim now.
         self.wake = asyncio.Event()
+        #: Mail more urgent than the default was enqueued: claim it without waiting for
+        #: a batch's worth of room.
+        self.urgent = False
         #: A sender finished a claim: the claimer may have room again.
         self.room = asyncio.Event()
         #: The SMTP server's reachability changed: heartbeat now, for `outbox status`.
         self.beat_now = asyncio.Event()
         #: Claimed rows waiting for a sender; None tells a sender to stop.
-        self.queue: asyncio.Queue[Claim | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Claim | None] = ClaimQueue()
         #: Finished attempts and releases waiting for the recorder; None ends it.
         self.records: asyncio.Queue[Outcome | Release | None] = asyncio.Queue()
         #: Claimed and not yet finished (queued or sending).
@@ -91,6 +120,13 @@ class Shared:
         self.smtp_error: str | None = None
         #: Seconds to wait before the n-th retry of a failed database call.
         self.db_backoff = db_backoff
+
+    def notified(self, payload: str) -> None:
+        """A NOTIFY of enqueued mail arrived; its payload is the mail's priority."""
+        if payload.isdigit() and int(payload) < URGENT_BELOW:
+            self.urgent = True
+            self.room.set()  # the claimer may be waiting for room: look now
+        self.wake.set()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake early when a stop is requested."""

@@ -174,7 +174,7 @@ class Store(Protocol):
         """Write outcomes and releases in one transaction (and throttle what said so)."""
 
     async def listen(
-        self, name: str, on_notify: Callable[[], None], on_lost: Callable[[], None]
+        self, name: str, on_notify: Callable[[str], None], on_lost: Callable[[], None]
     ) -> Subscription:
         """LISTEN for enqueued mail on a connection of its own."""
 
@@ -294,7 +294,7 @@ class PgStore:
     # --- notifications -----------------------------------------------------------------
 
     async def listen(
-        self, name: str, on_notify: Callable[[], None], on_lost: Callable[[], None]
+        self, name: str, on_notify: Callable[[str], None], on_lost: Callable[[], None]
     ) -> Subscription:
         conn = await asyncpg.connect(
             asyncpg_dsn(self._database_url),
@@ -302,7 +302,9 @@ class PgStore:
             server_settings={"application_name": f"outbox-listener:{name}"[:63]},
         )
         try:
-            await conn.add_listener(queries.NOTIFY_CHANNEL, lambda *_: on_notify())
+            await conn.add_listener(
+                queries.NOTIFY_CHANNEL, lambda _conn, _pid, _channel, payload: on_notify(payload)
+            )
             conn.add_termination_listener(lambda _: on_lost())
         except BaseException:
             conn.terminate()

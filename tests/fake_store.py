@@ -44,7 +44,7 @@ def mail(outbox_id: int, **changes: Any) -> ClaimedMail:
 class FakeSubscription:
     """A LISTEN that :meth:`FakeStore.notify` and :meth:`FakeStore.drop_listeners` drive."""
 
-    def __init__(self, on_notify: Callable[[], None], on_lost: Callable[[], None]) -> None:
+    def __init__(self, on_notify: Callable[[str], None], on_lost: Callable[[], None]) -> None:
         self.on_notify = on_notify
         self.on_lost = on_lost
         self.closed = False
@@ -91,11 +91,12 @@ class FakeStore:
         """Make more mail due (without notifying: see :meth:`notify`)."""
         self.due.extend(mails)
 
-    def notify(self) -> None:
-        """What a committed enqueue does: every live listener hears of it."""
+    def notify(self, priority: int = 5) -> None:
+        """What a committed enqueue does: every live listener hears of it (the payload
+        is the mail's priority)."""
         for subscription in self.subscriptions:
             if not subscription.closed:
-                subscription.on_notify()
+                subscription.on_notify(str(priority))
 
     def drop_listeners(self) -> None:
         """The server terminates every LISTEN connection."""
@@ -173,7 +174,7 @@ class FakeStore:
         return Recorded({item.mail.id for item in batch} & self.lose_leases, {})
 
     async def listen(
-        self, name: str, on_notify: Callable[[], None], on_lost: Callable[[], None]
+        self, name: str, on_notify: Callable[[str], None], on_lost: Callable[[], None]
     ) -> Subscription:
         self._call("listen")
         subscription = FakeSubscription(on_notify, on_lost)

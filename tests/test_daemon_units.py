@@ -27,7 +27,7 @@ from outbox.dispatcher.listener import Listener
 from outbox.dispatcher.liveness import Liveness
 from outbox.dispatcher.recorder import Recorder
 from outbox.dispatcher.sender import SUPPRESSED, Sender
-from outbox.dispatcher.shared import BoundLog, Claim, Shared
+from outbox.dispatcher.shared import BoundLog, Claim, ClaimQueue, Shared
 from outbox.dispatcher.smtp import SendResult, Verdict
 from outbox.dispatcher.store import Outcome, Release
 from tests.dispatching import smtp_config, wait_until
@@ -157,6 +157,42 @@ async def test_the_claimer_stops_at_the_high_water_mark_and_claims_in_batches() 
     await asyncio.sleep(0.05)
     assert store.claim_limits == [4, 2]  # at the mark again
     await stop(actors, claimer)
+
+
+async def test_urgent_mail_is_claimed_at_once_and_handed_out_first() -> None:
+    actors = Actors(FakeStore([mail(i) for i in range(1, 11)]))  # concurrency 2: high water 4
+    shared, store = actors.shared, actors.store
+    listener = asyncio.create_task(Listener(NAME, store, shared, actors.log).run(), name="listener")
+    claimer = asyncio.create_task(actors.claimer().run())
+    await wait_until(lambda: shared.queue.qsize() == 4, timeout=2, what="the first claim")
+    shared.queue.get_nowait()  # a sender finishes one: room for one, three still queued
+    shared.outstanding -= 1
+    shared.room.set()
+    await asyncio.sleep(0.05)
+    assert store.claim_limits == [4]  # waiting for a batch's worth of room, as usual
+    # A default-priority mail changes nothing ...
+    store.notify(5)
+    await asyncio.sleep(0.05)
+    assert store.claim_limits == [4]
+    # ... a more urgent one is claimed into the room there is, and goes out next.
+    store.due.insert(0, mail(99, priority=0))
+    store.notify(0)
+    await wait_until(lambda: store.claim_limits == [4, 1], timeout=2, what="the urgent claim")
+    claim = shared.queue.get_nowait()
+    assert claim is not None and claim.mail.id == 99
+    await stop(actors, claimer, listener)
+
+
+def test_the_queue_hands_out_the_most_urgent_claim_first_then_in_order() -> None:
+    queue = ClaimQueue()
+    for outbox_id, priority in ((1, 5), (2, 5), (3, 0), (4, 9), (5, 0)):
+        queue.put_nowait(Claim(mail(outbox_id, priority=priority), deadline=0.0))
+    queue.put_nowait(None)
+    order = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        order.append(None if item is None else item.mail.id)
+    assert order == [3, 5, 1, 2, 4, None]
 
 
 async def test_a_notification_wakes_the_idle_claimer_long_before_its_poll() -> None:

@@ -116,7 +116,8 @@ async def test_committed_mail_is_stored_and_wakes_the_dispatchers_at_commit(
         assert notices.empty()  # not before the commit
         assert await _count(db) == 0  # nor visible to anyone else
         await tx.commit()
-    assert await asyncio.wait_for(notices.get(), timeout=5) == ""
+    # The payload is the mail's priority (the default, 5).
+    assert await asyncio.wait_for(notices.get(), timeout=5) == "5"
     row = await db.fetchrow("SELECT * FROM outbox")
     assert (row["id"], row["message_id"]) == (queued.id, queued.message_id)
     assert (row["recipient"], row["recipient_name"]) == ("ada@example.org", "Ada Lovelace")
@@ -202,9 +203,9 @@ async def test_a_key_used_again_later_returns_the_first_mail(
     notices: asyncio.Queue[str],
 ) -> None:
     async with begun(first, db, engine) as tx:
-        made = await enqueue(tx.executor, _mail(), key="welcome:42")
+        made = await enqueue(tx.executor, _mail(), key="welcome:42", priority=1)
         await tx.commit()
-    assert await asyncio.wait_for(notices.get(), timeout=5) == ""
+    assert await asyncio.wait_for(notices.get(), timeout=5) == "1"
     assert made.key == "welcome:42" and not made.existed
 
     async with begun(second, db, engine) as tx:
