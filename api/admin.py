@@ -7,8 +7,8 @@ all mail (scope ``*``) and of each recipient domain (limits, pause, throttle), a
 
 Without ``ADMIN_TOKEN`` configured every admin endpoint answers 404 and never data; with
 it, a missing or wrong token gets 401 with ``WWW-Authenticate: Bearer``. The token is
-compared in constant time. The work is done by :mod:`dispatcher.operations`, the same
-code as the ``outbox`` CLI.
+compared in constant time. The work is done by :mod:`dispatcher.operations` and
+:mod:`dispatcher.policies`, the same code as the ``outbox`` CLI.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from outbox.dispatcher import operations as ops
-from outbox.dispatcher import times
+from outbox.dispatcher import policies, times
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 from outbox.dispatcher.policy import ALL_MAIL, parse_rate
 from outbox.dispatcher.settings import Settings
@@ -374,11 +374,11 @@ ALL_MAIL_SEGMENT = "*"
 
 def _scope_segment(value: str) -> str:
     """``*``: all mail (``policy.ALL_MAIL``); anything else must be a domain (a 422 if not)."""
-    return ALL_MAIL if value == ALL_MAIL_SEGMENT else ops.domain_name(value)
+    return ALL_MAIL if value == ALL_MAIL_SEGMENT else policies.domain_name(value)
 
 
 def _address_segment(value: str) -> str:
-    ops.address_key(value)  # a 422 saying what is wrong
+    policies.address_key(value)  # a 422 saying what is wrong
     return value
 
 
@@ -393,7 +393,7 @@ Scope = Annotated[
 ]
 AddressPath = Annotated[
     str,
-    Path(max_length=ops.MAX_ADDRESS_LENGTH, description="An email address (any spelling)."),
+    Path(max_length=policies.MAX_ADDRESS_LENGTH, description="An email address (any spelling)."),
     AfterValidator(_address_segment),
 ]
 
@@ -448,7 +448,7 @@ class Limits(BaseModel):
     rates: list[Annotated[str, Field(max_length=40), AfterValidator(_rate)]] | None = Field(
         default=None,
         min_length=1,
-        max_length=ops.MAX_RATES,
+        max_length=policies.MAX_RATES,
         description="Rates such as `40/s`, `1000/h`, `50000/d`, `10/5m`, one per window: "
         "they replace all of the scope's rates.",
         examples=[["40/s", "1000/h"]],
@@ -456,7 +456,7 @@ class Limits(BaseModel):
     concurrency: int | None = Field(
         default=None,
         ge=1,
-        le=ops.MAX_CONCURRENCY,
+        le=policies.MAX_CONCURRENCY,
         description="Most mails of the scope in flight at once, fleet-wide.",
     )
 
@@ -464,7 +464,7 @@ class Limits(BaseModel):
     @classmethod
     def _one_per_window(cls, rates: list[str] | None) -> list[str] | None:
         if rates is not None:
-            ops.check_rates([parse_rate(r) for r in rates])
+            policies.check_rates([parse_rate(r) for r in rates])
         return rates
 
     @model_validator(mode="after")
@@ -499,12 +499,12 @@ class SuppressionReason(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: Annotated[str, AfterValidator(ops.check_reason)] | None = Field(
-        default=None, max_length=ops.MAX_REASON_LENGTH, examples=["asked us to stop"]
+    reason: Annotated[str, AfterValidator(policies.check_reason)] | None = Field(
+        default=None, max_length=policies.MAX_REASON_LENGTH, examples=["asked us to stop"]
     )
 
 
-def _policy(p: ops.Policy) -> Policy:
+def _policy(p: policies.Policy) -> Policy:
     return Policy(
         domain=p.domain,
         rates=[
@@ -586,15 +586,15 @@ async def list_policies(request: Request) -> PolicyList:
     """Every scope with a policy: rates with their buckets now, concurrency, pause,
     throttle, mail in flight and waiting (`outbox limit list`)."""
     async with _pool(request).acquire() as conn:
-        policies = await ops.list_policies(conn)
-    return PolicyList(items=[_policy(p) for p in policies])
+        found = await policies.list_policies(conn)
+    return PolicyList(items=[_policy(p) for p in found])
 
 
 @policy_router.get("/policies/{scope}", response_model=Policy)
 async def show_policy(scope: Scope, request: Request) -> Policy:
     """One scope's policy; a scope without one has no limit and is not paused."""
     async with _pool(request).acquire() as conn:
-        return _policy(await ops.get_policy(conn, scope or None))
+        return _policy(await policies.get_policy(conn, scope or None))
 
 
 @policy_router.put(
@@ -610,10 +610,10 @@ async def set_limits(scope: Scope, request: Request) -> Policy:
     assert limits is not None
     rates = [parse_rate(r) for r in limits.rates] if limits.rates is not None else None
     async with _pool(request).acquire() as conn:
-        policy = await ops.set_limits(
+        policy = await policies.set_limits(
             conn, scope or None, rates=rates, concurrency=limits.concurrency
         )
-    log.info("admin.limit_set", extra={"scope": ops.scope_name(scope or None)})
+    log.info("admin.limit_set", extra={"scope": policies.scope_name(scope or None)})
     return _policy(policy)
 
 
@@ -625,10 +625,10 @@ async def set_limits(scope: Scope, request: Request) -> Policy:
 async def remove_limits(scope: Scope, request: Request) -> Policy:
     """Remove the scope's rates and concurrency limit; a pause stays (`outbox limit rm`)."""
     async with _pool(request).acquire() as conn:
-        if not await ops.remove_limits(conn, scope or None):
-            raise HTTPException(404, f"{ops.scope_name(scope or None)} has no limit to remove")
-        policy = await ops.get_policy(conn, scope or None)
-    log.info("admin.limit_rm", extra={"scope": ops.scope_name(scope or None)})
+        if not await policies.remove_limits(conn, scope or None):
+            raise HTTPException(404, f"{policies.scope_name(scope or None)} has no limit to remove")
+        policy = await policies.get_policy(conn, scope or None)
+    log.info("admin.limit_rm", extra={"scope": policies.scope_name(scope or None)})
     return _policy(policy)
 
 
@@ -637,10 +637,10 @@ async def pause(scope: Scope, request: Request) -> Policy:
     """Hold the scope's mail: no dispatcher claims it until resumed (`outbox pause`).
     Pausing a paused scope changes nothing."""
     async with _pool(request).acquire() as conn:
-        changed = await ops.pause(conn, scope or None)
-        policy = await ops.get_policy(conn, scope or None)
+        changed = await policies.pause(conn, scope or None)
+        policy = await policies.get_policy(conn, scope or None)
     if changed:
-        log.info("admin.pause", extra={"scope": ops.scope_name(scope or None)})
+        log.info("admin.pause", extra={"scope": policies.scope_name(scope or None)})
     return _policy(policy)
 
 
@@ -649,10 +649,10 @@ async def resume(scope: Scope, request: Request) -> Policy:
     """Release what a pause held (`outbox resume`). Resuming a scope that is not paused
     changes nothing."""
     async with _pool(request).acquire() as conn:
-        changed = await ops.resume(conn, scope or None)
-        policy = await ops.get_policy(conn, scope or None)
+        changed = await policies.resume(conn, scope or None)
+        policy = await policies.get_policy(conn, scope or None)
     if changed:
-        log.info("admin.resume", extra={"scope": ops.scope_name(scope or None)})
+        log.info("admin.resume", extra={"scope": policies.scope_name(scope or None)})
     return _policy(policy)
 
 
@@ -663,7 +663,7 @@ async def list_suppressions(
 ) -> SuppressionList:
     """The suppression list, newest first (`outbox suppressions`)."""
     async with _pool(request).acquire() as conn:
-        page = await ops.list_suppressions(conn, limit=limit)
+        page = await policies.list_suppressions(conn, limit=limit)
     return SuppressionList(
         items=[Suppression.model_validate(s) for s in page.items], total=page.total
     )
@@ -680,7 +680,7 @@ _NOT_LISTED: dict[int | str, dict[str, object]] = {
 async def show_suppression(address: AddressPath, request: Request) -> Suppression:
     """The entry of an address (any spelling of it)."""
     async with _pool(request).acquire() as conn:
-        entry = await ops.get_suppression(conn, address)
+        entry = await policies.get_suppression(conn, address)
     if entry is None:
         raise HTTPException(404, f"{address} is not on the suppression list")
     return Suppression.model_validate(entry)
@@ -702,7 +702,7 @@ async def suppress(address: AddressPath, request: Request) -> Suppression | JSON
     body = await _body(request, SuppressionReason, required=False)
     reason = body.reason if body is not None else None
     async with _pool(request).acquire() as conn:
-        entry, created = await ops.suppress(conn, address, reason)
+        entry, created = await policies.suppress(conn, address, reason)
     out = Suppression.model_validate(entry)
     if not created:
         return out
@@ -720,10 +720,10 @@ async def unsuppress(address: AddressPath, request: Request) -> Response:
     """Take an address off the suppression list (`outbox unsuppress`). Mail already
     suppressed stays so; `POST /outbox/{id}/retry` sends it."""
     async with _pool(request).acquire() as conn:
-        removed = await ops.unsuppress(conn, address)
+        removed = await policies.unsuppress(conn, address)
     if not removed:
         raise HTTPException(404, f"{address} is not on the suppression list")
-    log.info("admin.unsuppress", extra={"address_key": ops.address_key(address)})
+    log.info("admin.unsuppress", extra={"address_key": policies.address_key(address)})
     return Response(status_code=204)
 
 

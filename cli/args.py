@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from outbox.dispatcher import operations, policy, times
+from outbox.dispatcher import policies, policy, times
 from outbox.dispatcher.addresses import unsafe_text
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 
@@ -111,16 +111,16 @@ def rate(text: str) -> policy.Rate:
 def domain(text: str) -> str:
     """A recipient domain, as its A-label in lower case (``bücher.de``: ``xn--bcher-kva.de``)."""
     try:
-        return operations.domain_name(text)
+        return policies.domain_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def concurrency(text: str) -> int:
-    """A limit on mail in flight at once: 1 to ``operations.MAX_CONCURRENCY``."""
+    """A limit on mail in flight at once: 1 to ``policies.MAX_CONCURRENCY``."""
     value = positive_int(text)
     try:
-        return operations.check_concurrency(value)
+        return policies.check_concurrency(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -128,7 +128,7 @@ def concurrency(text: str) -> int:
 def address(text: str) -> str:
     """One email address (``ada@example.com``), as the suppression list takes it."""
     try:
-        operations.address_key(text)
+        policies.address_key(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -137,7 +137,7 @@ def address(text: str) -> str:
 def reason(text: str) -> str:
     """A suppression reason: 1 to 500 characters of plain text."""
     try:
-        return operations.check_reason(text)
+        return policies.check_reason(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

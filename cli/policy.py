@@ -1,6 +1,6 @@
 """``outbox limit|pause|resume|suppress|unsuppress|suppressions``: the sending policy.
 
-Thin command-line front end of the sending-policy part of :mod:`dispatcher.operations`
+Thin command-line front end of :mod:`dispatcher.policies`
 (the same code as the admin endpoints). A scope is all mail (no ``--domain``) or one
 recipient domain. Exit codes as the audit commands: 0 done (pausing what is paused and
 resuming what is not included: the outcome is what was asked for); 1 the database is
@@ -17,7 +17,7 @@ from typing import Any
 
 from outbox.cli import args as types
 from outbox.cli.audit import _clean, _error, _print_json, _run, _table, _time
-from outbox.dispatcher import operations as ops
+from outbox.dispatcher import policies
 from outbox.dispatcher.db import Connection
 
 _RATE_HELP = (
@@ -109,7 +109,7 @@ def register(sub: Any) -> None:
 # --- Presenting -------------------------------------------------------------------------------
 
 
-def policy_json(p: ops.Policy) -> dict[str, object]:
+def policy_json(p: policies.Policy) -> dict[str, object]:
     """A scope's policy as JSON (the shape of the admin endpoints' ``Policy``)."""
     return {
         "domain": p.domain,
@@ -134,18 +134,18 @@ def policy_json(p: ops.Policy) -> dict[str, object]:
     }
 
 
-def _rates(p: ops.Policy) -> str:
+def _rates(p: policies.Policy) -> str:
     return " ".join(str(w.rate) for w in p.rates)
 
 
-def _throttle(p: ops.Policy) -> str:
+def _throttle(p: policies.Policy) -> str:
     if p.throttle is None:
         return "-"
-    rate, base = ops.rate_words(p.throttle.rate), ops.rate_words(p.throttle.base)
+    rate, base = policies.rate_words(p.throttle.rate), policies.rate_words(p.throttle.base)
     return f"{rate} (halved from {base} at {_time(p.throttle.since)} UTC)"
 
 
-def describe(p: ops.Policy) -> str:
+def describe(p: policies.Policy) -> str:
     """A scope's policy on one short line: ``example.com: paused, 40/s 1000/h, ...``."""
     parts = []
     if p.paused:
@@ -175,12 +175,14 @@ def cmd_limit_set(ns: argparse.Namespace) -> int:
         parser.error("give --rate or --concurrency (or both)")
     if ns.rate is not None:
         try:
-            ops.check_rates(ns.rate)
+            policies.check_rates(ns.rate)
         except ValueError as exc:
             parser.error(f"argument --rate: {exc}")
 
     async def work(conn: Connection) -> int:
-        policy = await ops.set_limits(conn, ns.domain, rates=ns.rate, concurrency=ns.concurrency)
+        policy = await policies.set_limits(
+            conn, ns.domain, rates=ns.rate, concurrency=ns.concurrency
+        )
         print(f"limit set: {_clean(describe(policy))}")
         return 0
 
@@ -191,11 +193,11 @@ def cmd_limit_list(ns: argparse.Namespace) -> int:
     """Every scope with a policy."""
 
     async def work(conn: Connection) -> int:
-        policies = await ops.list_policies(conn)
+        found = await policies.list_policies(conn)
         if ns.json:
-            _print_json({"items": [policy_json(p) for p in policies]})
+            _print_json({"items": [policy_json(p) for p in found]})
             return 0
-        if not policies:
+        if not found:
             print(
                 "no limits, pauses or throttles: mail goes as fast as dispatchers send it",
                 file=sys.stderr,
@@ -211,7 +213,7 @@ def cmd_limit_list(ns: argparse.Namespace) -> int:
                 f"{p.in_flight:,}",
                 f"{p.waiting:,}",
             ]
-            for p in policies
+            for p in found
         ]
         _table(
             ["SCOPE", "RATES", "CONCURRENCY", "PAUSED", "THROTTLE", "IN FLIGHT", "WAITING"],
@@ -227,10 +229,10 @@ def cmd_limit_rm(ns: argparse.Namespace) -> int:
     """Remove a scope's rates and concurrency."""
 
     async def work(conn: Connection) -> int:
-        if not await ops.remove_limits(conn, ns.domain):
-            _error("limit rm", f"{ops.scope_name(ns.domain)} has no limit to remove")
+        if not await policies.remove_limits(conn, ns.domain):
+            _error("limit rm", f"{policies.scope_name(ns.domain)} has no limit to remove")
             return 1
-        print(f"removed the limits of {ops.scope_name(ns.domain)}")
+        print(f"removed the limits of {policies.scope_name(ns.domain)}")
         return 0
 
     return _run("limit rm", work)
@@ -240,8 +242,8 @@ def cmd_pause(ns: argparse.Namespace) -> int:
     """Hold a scope's mail."""
 
     async def work(conn: Connection) -> int:
-        name = ops.scope_name(ns.domain)
-        if await ops.pause(conn, ns.domain):
+        name = policies.scope_name(ns.domain)
+        if await policies.pause(conn, ns.domain):
             print(
                 f"paused {name}: no dispatcher claims it until "
                 f"outbox resume{_scope_flag(ns.domain)}"
@@ -257,8 +259,8 @@ def cmd_resume(ns: argparse.Namespace) -> int:
     """Release a scope's mail."""
 
     async def work(conn: Connection) -> int:
-        name = ops.scope_name(ns.domain)
-        if await ops.resume(conn, ns.domain):
+        name = policies.scope_name(ns.domain)
+        if await policies.resume(conn, ns.domain):
             print(f"resumed {name}")
         else:
             print(f"{name} was not paused")
@@ -271,7 +273,7 @@ def cmd_suppress(ns: argparse.Namespace) -> int:
     """Put an address on the suppression list."""
 
     async def work(conn: Connection) -> int:
-        entry, created = await ops.suppress(conn, ns.address, ns.reason)
+        entry, created = await policies.suppress(conn, ns.address, ns.reason)
         if created:
             print(f"suppressed {_clean(entry.address)}: mail to it is not sent")
         else:
@@ -288,7 +290,7 @@ def cmd_unsuppress(ns: argparse.Namespace) -> int:
     """Take an address off the suppression list."""
 
     async def work(conn: Connection) -> int:
-        if not await ops.unsuppress(conn, ns.address):
+        if not await policies.unsuppress(conn, ns.address):
             _error("unsuppress", f"{_clean(ns.address)} is not on the suppression list")
             return 1
         print(f"unsuppressed {_clean(ns.address)}")
@@ -301,7 +303,7 @@ def cmd_suppressions(ns: argparse.Namespace) -> int:
     """The suppression list, newest first."""
 
     async def work(conn: Connection) -> int:
-        page = await ops.list_suppressions(conn, limit=ns.limit)
+        page = await policies.list_suppressions(conn, limit=ns.limit)
         if ns.json:
             _print_json({"items": [asdict(s) for s in page.items], "total": page.total})
             return 0

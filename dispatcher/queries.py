@@ -280,35 +280,40 @@ _HONOURED_LEASE = """o.lease_expires_at > now()
 
 # Step (b): the state of the locked scopes $1 (text[]), $2 stale-after seconds: for
 # dispatcher.policy.allowance. One row per scope: paused, concurrency and the mail in
-# flight (counted only under a concurrency limit; per domain through
+# flight (read only under a concurrency limit; all of it counted in one pass through
 # outbox_in_flight_idx), the tokens of each rate window and the throttle's rate and
 # tokens, refilled to ``clock`` (the statement's time, after the lock was granted: the
 # previous claim's updates are in the past of it). throttle_expired: the throttle has
 # run its course and is to be cleared (EXPIRE_THROTTLES).
 POLICY_STATE = f"""
-WITH clock AS (SELECT statement_timestamp() AS now)
+WITH clock AS (SELECT statement_timestamp() AS now),
+in_flight AS (
+    -- One pass over the mail being sent (a few hundred rows at most), not one per scope.
+    SELECT o.recipient_domain AS domain, count(*) AS n
+    FROM outbox o
+    WHERE o.status = 'sending' AND {_HONOURED_LEASE}
+    GROUP BY o.recipient_domain
+),
+windows AS (
+    SELECT r.domain, array_agg({_window_tokens("clock.now")} ORDER BY r.per_seconds) AS tokens
+    FROM clock CROSS JOIN outbox_rate_limits r
+    WHERE r.domain = ANY($1::text[])
+    GROUP BY r.domain
+)
 SELECT p.domain, p.paused, p.concurrency, clock.now AS clock,
        coalesce(w.tokens, '{{}}') AS window_tokens,
        t.rate AS throttle_rate,
        {_throttle_tokens("clock.now", "t.rate")} AS throttle_tokens,
        p.throttled_at IS NOT NULL AND t.rate IS NULL AS throttle_expired,
        CASE WHEN p.concurrency IS NULL THEN 0
-            WHEN p.domain = '' THEN (
-                SELECT count(*) FROM outbox o
-                WHERE o.status = 'sending' AND {_HONOURED_LEASE})
-            ELSE (
-                SELECT count(*) FROM outbox o
-                WHERE o.status = 'sending' AND o.recipient_domain = p.domain
-                  AND {_HONOURED_LEASE})
+            WHEN p.domain = '' THEN (SELECT coalesce(sum(n), 0) FROM in_flight)
+            ELSE coalesce(f.n, 0)
        END AS in_flight
 FROM clock
 CROSS JOIN outbox_policies p
 CROSS JOIN LATERAL (SELECT {_throttle_rate("clock.now")} AS rate) t
-LEFT JOIN LATERAL (
-    SELECT array_agg({_window_tokens("clock.now")} ORDER BY r.per_seconds) AS tokens
-    FROM outbox_rate_limits r
-    WHERE r.domain = p.domain
-) w ON true
+LEFT JOIN windows w ON w.domain = p.domain
+LEFT JOIN in_flight f ON f.domain = p.domain
 WHERE p.domain = ANY($1::text[])
 ORDER BY p.domain
 """

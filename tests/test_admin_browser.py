@@ -338,9 +338,11 @@ def _wait(browser: Browser, condition: Any, timeout: float = 10) -> Any:
 
 
 def _css(browser: Browser, selector: str) -> Any:
+    """The element, once it is there: a click that submits a form returns before the
+    next page has loaded."""
     from selenium.webdriver.common.by import By
 
-    return browser.driver.find_element(By.CSS_SELECTOR, selector)
+    return _wait(browser, lambda driver: driver.find_element(By.CSS_SELECTOR, selector))
 
 
 def _all(browser: Browser, selector: str) -> list[Any]:

@@ -19,7 +19,7 @@ from outbox.api.admin_site import pages
 from outbox.api.admin_site.chart import layout, nice_ceiling
 from outbox.api.admin_site.session import FLASH_SECONDS, SESSION_SECONDS, Flash, Signer
 from outbox.api.app import create_app
-from outbox.dispatcher import operations as ops
+from outbox.dispatcher import policies
 from outbox.dispatcher.db import create_pool
 from outbox.dispatcher.policy import Rate
 from outbox.dispatcher.settings import Settings
@@ -505,10 +505,10 @@ async def test_the_sending_policy_and_the_suppression_list(
 ) -> None:
     await add_mail(db, "ada@example.com")
     async with db.acquire() as conn:
-        await ops.set_limits(conn, "Example.com", rates=[Rate(40, 1), Rate(1000, 3600)])
-        await ops.set_limits(conn, None, concurrency=8)
-        await ops.pause(conn, "bücher.de")
-        await ops.suppress(conn, "eve@example.com", "<b>bounced</b>")
+        await policies.set_limits(conn, "Example.com", rates=[Rate(40, 1), Rate(1000, 3600)])
+        await policies.set_limits(conn, None, concurrency=8)
+        await policies.pause(conn, "bücher.de")
+        await policies.suppress(conn, "eve@example.com", "<b>bounced</b>")
     await db.execute(
         "UPDATE outbox_policies SET throttle_rate = 2, throttle_base = 8, "
         "throttled_at = now() WHERE domain = 'example.com'"

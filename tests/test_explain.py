@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from outbox.dispatcher import operations as ops
+from outbox.dispatcher import policies
 from outbox.dispatcher.policy import Rate
 from tests.asgi import AUTH
 from tests.audit_seed import add_attempt, add_mail, live_dispatcher, set_status
@@ -194,14 +195,14 @@ async def test_held_back_by_a_pause(db: asyncpg.Pool) -> None:
     mail = await add_mail(db, "ada@bücher.de", age=MINUTE)
     await live_dispatcher(db, "d-1")
     async with db.acquire() as conn:
-        await ops.pause(conn, "BÜCHER.de")
+        await policies.pause(conn, "BÜCHER.de")
     why = await explain(db, mail)
     assert why.summary == (
         f"Mail {mail} is due but held back: Mail to xn--bcher-kva.de is paused by an "
         "operator (outbox resume --domain xn--bcher-kva.de releases it)."
     )
     async with db.acquire() as conn:
-        await ops.pause(conn, None)
+        await policies.pause(conn, None)
     why = await explain(db, mail)
     assert why.reasons[:2] == (
         "All mail is paused by an operator (outbox resume releases it).",
@@ -211,14 +212,14 @@ async def test_held_back_by_a_pause(db: asyncpg.Pool) -> None:
     assert why.reasons[2] == "Pending: due now for 1 minute."
     other = await add_mail(db, "bob@example.com")
     async with db.acquire() as conn:
-        await ops.resume(conn, None)
+        await policies.resume(conn, None)
     assert "goes with the next claim" in (await explain(db, other)).summary
 
 
 async def test_held_back_by_the_suppression_list(db: asyncpg.Pool) -> None:
     mail = await add_mail(db, "Ada@Example.com")
     async with db.acquire() as conn:
-        await ops.suppress(conn, "ada@EXAMPLE.com", "asked us to stop")
+        await policies.suppress(conn, "ada@EXAMPLE.com", "asked us to stop")
     why = await explain(db, mail)
     assert why.summary.startswith(
         f"Mail {mail} is due but held back: Its recipient is on the suppression list since "
@@ -234,8 +235,8 @@ async def test_held_back_by_the_limits(db: asyncpg.Pool) -> None:
     await add_mail(db, "bob@example.com", status="sending")
     mail = await add_mail(db, "ada@example.com")
     async with db.acquire() as conn:
-        await ops.set_limits(conn, "example.com", rates=[Rate(2, 60)], concurrency=1)
-        await ops.set_limits(conn, None, rates=[Rate(100, 1)])
+        await policies.set_limits(conn, "example.com", rates=[Rate(2, 60)], concurrency=1)
+        await policies.set_limits(conn, None, rates=[Rate(100, 1)])
     await db.execute("UPDATE outbox_rate_limits SET tokens = 0.5 WHERE domain = 'example.com'")
     await db.execute(
         "UPDATE outbox_policies SET throttle_rate = 2, throttle_base = 4, "
@@ -257,7 +258,7 @@ async def test_held_back_by_the_limits(db: asyncpg.Pool) -> None:
     assert why.summary == f"Mail {mail} is due but held back: {holds[0]}"
     # Limits with room to spare hold nothing back.
     async with db.acquire() as conn:
-        await ops.set_limits(conn, "example.com", rates=[Rate(1000, 1)], concurrency=5)
+        await policies.set_limits(conn, "example.com", rates=[Rate(1000, 1)], concurrency=5)
     await db.execute(
         "UPDATE outbox_policies SET throttle_rate = NULL, throttle_base = NULL, throttled_at = NULL"
     )
@@ -285,7 +286,7 @@ async def test_a_suppressed_mail(db: asyncpg.Pool) -> None:
         f"To send it anyway: outbox unsuppress Eve@example.com, then outbox retry {mail}."
     )
     async with db.acquire() as conn:
-        assert await ops.unsuppress(conn, "eve@example.com")
+        assert await policies.unsuppress(conn, "eve@example.com")
         why = await explain(db, mail)
         assert why.reasons[1] == (
             f"Its recipient is no longer on the suppression list: outbox retry {mail} sends it."
@@ -497,7 +498,7 @@ async def test_api_detail_says_why(admin: httpx.AsyncClient, db: asyncpg.Pool) -
 
     held = await add_mail(db, "ada@example.com")
     async with db.acquire() as conn:
-        await ops.pause(conn, "example.com")
+        await policies.pause(conn, "example.com")
     body = (await admin.get(f"/outbox/{held}", headers=AUTH)).json()
     assert body["why"]["summary"].startswith(f"Mail {held} is due but held back: Mail to ")
     await db.execute("UPDATE outbox SET status = 'suppressed' WHERE id = $1", held)

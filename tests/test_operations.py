@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from outbox.dispatcher import limits, queries
+from outbox.dispatcher import limits, policies, queries
 from outbox.dispatcher import operations as ops
 from outbox.dispatcher.db import Connection
 from outbox.dispatcher.policy import Rate
@@ -443,18 +443,18 @@ async def test_policy_operations_refuse_bad_input(conn: Connection) -> None:
         {"rates": []},
         {"rates": [Rate(1, 1), Rate(5, 1)]},
         {"concurrency": 0},
-        {"concurrency": ops.MAX_CONCURRENCY + 1},
+        {"concurrency": policies.MAX_CONCURRENCY + 1},
     ]:
         with pytest.raises(ValueError):
-            await ops.set_limits(conn, None, **bad)  # type: ignore[arg-type]
+            await policies.set_limits(conn, None, **bad)  # type: ignore[arg-type]
     for domain in ["", "a b", "-x.com", "x" * 300, "[::1]"]:
         with pytest.raises(ValueError):
-            await ops.pause(conn, domain)
+            await policies.pause(conn, domain)
     for address in ["", "ada", "ada@", "a b@example.com", "ada@exa mple.com", "x" * 400]:
         with pytest.raises(ValueError):
-            await ops.suppress(conn, address)
+            await policies.suppress(conn, address)
     with pytest.raises(ValueError):
-        await ops.suppress(conn, "ada@example.com", "two\nlines")
+        await policies.suppress(conn, "ada@example.com", "two\nlines")
     assert await conn.fetchval("SELECT count(*) FROM outbox_policies") == 0
     assert await conn.fetchval("SELECT count(*) FROM outbox_suppressions") == 0
 
@@ -480,10 +480,10 @@ async def test_policy_changes_never_deadlock_with_policed_claims(db: asyncpg.Poo
     async def operator(domain: str | None) -> None:
         for _ in range(15):
             async with db.acquire() as conn:
-                await ops.set_limits(conn, domain, rates=[Rate(1000, 1)], concurrency=100)
-                await ops.pause(conn, domain)
-                await ops.resume(conn, domain)
-                await ops.remove_limits(conn, domain)
+                await policies.set_limits(conn, domain, rates=[Rate(1000, 1)], concurrency=100)
+                await policies.pause(conn, domain)
+                await policies.resume(conn, domain)
+                await policies.remove_limits(conn, domain)
 
     await asyncio.wait_for(
         asyncio.gather(claimer("c-1"), claimer("c-2"), operator(None), operator("d1.example")),

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from outbox.cli.embedded_pg import free_port
 from outbox.cli.main import build_parser
-from outbox.dispatcher import operations as ops
 from outbox.dispatcher.db import Connection
+from outbox.dispatcher.policies import domain_name, remove_limits, set_limits, suppress, unsuppress
 from outbox.dispatcher.policy import Rate
 from tests.audit_seed import add_mail, live_dispatcher, set_status
 from tests.hostile import ANY_TEXT, SEED, explain, hypothesis_settings, show_seed
@@ -440,7 +440,7 @@ async def test_any_text_as_rate_domain_or_address(conn: Connection, text: str) -
     if ns is None:
         _one_error_line(err, "--rate")
     else:
-        await ops.set_limits(conn, None, rates=ns.rate)  # type: ignore[attr-defined]
+        await set_limits(conn, None, rates=ns.rate)  # type: ignore[attr-defined]
     # --domain: refused naming --domain, or a domain whose limit can be set and removed.
     ns, err = parse(["limit", "set", "--rate", "1/s", f"--domain={text}"])
     event("domain refused" if ns is None else "domain taken")
@@ -448,18 +448,18 @@ async def test_any_text_as_rate_domain_or_address(conn: Connection, text: str) -
         _one_error_line(err, "--domain")
     else:
         domain = ns.domain  # type: ignore[attr-defined]
-        assert domain == ops.domain_name(domain) and domain.isascii()
-        await ops.set_limits(conn, domain, rates=[Rate(1, 1)])
-        assert await ops.remove_limits(conn, domain)
+        assert domain == domain_name(domain) and domain.isascii()
+        await set_limits(conn, domain, rates=[Rate(1, 1)])
+        assert await remove_limits(conn, domain)
     # ADDRESS: refused naming ADDRESS, or an address that can be suppressed and back.
     ns, err = parse(["suppress", "--", text])
     event("address refused" if ns is None else "address taken")
     if ns is None:
         _one_error_line(err, "ADDRESS")
     else:
-        entry, _ = await ops.suppress(conn, text)
+        entry, _ = await suppress(conn, text)
         assert entry.address == text
-        assert await ops.unsuppress(conn, text)
+        assert await unsuppress(conn, text)
     await conn.execute("DELETE FROM outbox_policies")
 
 

@@ -17,8 +17,8 @@ Security, in one place:
   script or style), ``frame-ancestors 'none'`` and ``X-Frame-Options: DENY``,
   ``Referrer-Policy: same-origin`` and, for pages, ``Cache-Control: no-store``.
 
-The work is done by :mod:`dispatcher.operations`, the same code as ``outbox`` and the
-JSON admin endpoints.
+The work is done by :mod:`dispatcher.operations` and :mod:`dispatcher.policies`, the same
+code as ``outbox`` and the JSON admin endpoints.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from markupsafe import Markup, escape
 from outbox.api.admin_site.chart import layout
 from outbox.api.admin_site.session import FLASH_SECONDS, SESSION_SECONDS, Flash, Session, Signer
 from outbox.dispatcher import operations as ops
-from outbox.dispatcher import times
+from outbox.dispatcher import policies, times
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 from outbox.dispatcher.settings import Settings
 
@@ -197,7 +197,9 @@ _templates = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_templates.filters.update(text=_text, plain=_plain, when=_when, span=_span, rate=ops.rate_words)
+_templates.filters.update(
+    text=_text, plain=_plain, when=_when, span=_span, rate=policies.rate_words
+)
 _templates.globals.update(
     asset=_asset_url,
     relative=_relative,
@@ -503,11 +505,11 @@ async def overview(request: Request) -> Response:
         summary = await ops.status_summary(conn)
         points = await ops.sent_per_minute(conn, minutes=60)
         held = await ops.rows_held(conn)
-        suppressions = await ops.list_suppressions(conn, limit=SUPPRESSIONS_SHOWN)
+        suppressions = await policies.list_suppressions(conn, limit=SUPPRESSIONS_SHOWN)
         # All mail is always listed (so that it can be paused), with a policy or not.
-        policies = list(summary.policies)
-        if not policies or policies[0].domain is not None:
-            policies.insert(0, await ops.get_policy(conn, None))
+        scopes = list(summary.policies)
+        if not scopes or scopes[0].domain is not None:
+            scopes.insert(0, await policies.get_policy(conn, None))
     now = summary.checked_at
     dispatchers = [
         _DispatcherView(
@@ -539,7 +541,7 @@ async def overview(request: Request) -> Response:
         dispatchers=shown,
         silent=len(dispatchers) - len(shown),
         paused=[d for d in dispatchers if d.live and d.smtp_error],
-        policies=policies,
+        policies=scopes,
         suppressions=suppressions,
     )
 
@@ -787,17 +789,17 @@ async def _pause_or_resume(
     domain: str | None = None
     if scope != ALL_MAIL_SEGMENT:
         try:
-            domain = ops.domain_name(scope)
+            domain = policies.domain_name(scope)
         except ValueError:
             flash = Flash("refused", f"{scope} is not a domain: nothing was changed.")
             return _redirect(request, target, flash, visitor.signer)
-    name = ops.scope_name(domain)
+    name = policies.scope_name(domain)
     pool: asyncpg.Pool = request.app.state.pool
     async with pool.acquire() as conn:
         if action == "pause":
-            changed = await ops.pause(conn, domain)
+            changed = await policies.pause(conn, domain)
         else:
-            changed = await ops.resume(conn, domain)
+            changed = await policies.resume(conn, domain)
     if not changed:
         state = "paused already" if action == "pause" else "not paused"
         return _redirect(request, target, Flash("ok", f"{name} was {state}."), visitor.signer)
