@@ -143,16 +143,22 @@ async def claim_cost(pg: EmbeddedPostgres, ns: argparse.Namespace) -> None:
         await conn.execute("VACUUM ANALYZE outbox")
         log(f"  filled in {time.monotonic() - started:.0f} s")
 
-        async def sample() -> tuple[float, int]:
+        async def sample(policed: bool) -> tuple[float, int]:
             transaction = conn.transaction()
             await transaction.start()
             clock = time.perf_counter()
-            rows = await limits.claim(
-                conn, limit=32, name="bench", lease=60.0, stale_after=6.0, max_abandons=5
+            claimed = await limits.claim(
+                conn,
+                limit=32,
+                name="bench",
+                lease=60.0,
+                stale_after=6.0,
+                max_abandons=5,
+                policed=policed,  # as a dispatcher's next claim after one that was
             )
             elapsed = time.perf_counter() - clock
             await transaction.rollback()
-            return elapsed, len(rows)
+            return elapsed, len(claimed.rows)
 
         async def configure(limited_domains: int) -> None:
             await conn.execute("DELETE FROM outbox_policies")
@@ -187,7 +193,7 @@ async def claim_cost(pg: EmbeddedPostgres, ns: argparse.Namespace) -> None:
             for limited_domains in order:
                 await configure(limited_domains)
                 for _ in range(ns.claim_samples):
-                    elapsed, size = await sample()
+                    elapsed, size = await sample(policed=limited_domains > 0)
                     figures[limited_domains].append(elapsed * 1000)
                     sizes[limited_domains][size] += 1
         plain = statistics.median(figures[0])

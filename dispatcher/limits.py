@@ -22,7 +22,16 @@ import asyncpg
 from outbox.dispatcher import policy, queries
 from outbox.dispatcher.db import Connection
 
-__all__ = ["Reply", "claim", "record_throttles"]
+__all__ = ["Claimed", "Reply", "claim", "record_throttles"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What :func:`claim` took, and whether any sending policy was in force."""
+
+    rows: list[asyncpg.Record]
+    #: True when the claim went the policed way: pass it as the next claim's ``policed``.
+    policed: bool
 
 
 async def claim(
@@ -33,21 +42,24 @@ async def claim(
     lease: float,
     stale_after: float,
     max_abandons: int,
-) -> list[asyncpg.Record]:
+    policed: bool = False,
+) -> Claimed:
     """Claim up to ``limit`` due mails for dispatcher ``name`` within every sending policy.
 
     The rows are those of ``queries.CLAIM`` (same columns), leased for ``lease`` seconds;
     a ``sending`` row whose owner has not heartbeated for ``stale_after`` seconds is taken
     back, and failed on its ``max_abandons``-th abandonment. Runs in a transaction of its
     own, or in the caller's (which must be READ COMMITTED; the policy rows then stay
-    locked until it ends).
+    locked until it ends). ``policed``: the previous claim found a policy, so this one
+    goes the policed way at once (and falls back to the plain claim if none is left).
     """
     args = (limit, name, lease, stale_after, max_abandons)
-    # No policy: exactly the claim without limits (one statement, one round trip). It
-    # claims nothing while any policy exists; only then is the policed claim worth a look.
-    claimed = await conn.fetch(queries.CLAIM_UNLESS_POLICED, *args)
-    if claimed or not await conn.fetchval(queries.POLICIES_EXIST):
-        return claimed
+    if not policed:
+        # No policy: exactly the claim without limits (one statement, one round trip). It
+        # claims nothing while any policy exists; only then is the policed claim needed.
+        claimed = await conn.fetch(queries.CLAIM_UNLESS_POLICED, *args)
+        if claimed or not await conn.fetchval(queries.POLICIES_EXIST):
+            return Claimed(claimed, policed=False)
     if conn.is_in_transaction():
         return await _policed_claim(conn, *args)
     async with conn.transaction(isolation="read_committed"):
@@ -56,13 +68,14 @@ async def claim(
 
 async def _policed_claim(
     conn: Connection, limit: int, name: str, lease: float, stale_after: float, max_abandons: int
-) -> list[asyncpg.Record]:
+) -> Claimed:
     # (a) Lock every policy row, in domain order. Policed claims of all dispatchers take
     # turns from here to commit: that is what makes limits exact across the fleet. A
     # statement of its own, so that the next one reads what the previous turn committed.
     locked = [row["domain"] for row in await conn.fetch(queries.LOCK_POLICIES)]
-    if not locked:  # the last policy went between the check and the lock
-        return await conn.fetch(queries.CLAIM, limit, name, lease, stale_after, max_abandons)
+    if not locked:  # no policy (any more): the plain claim
+        rows = await conn.fetch(queries.CLAIM, limit, name, lease, stale_after, max_abandons)
+        return Claimed(rows, policed=False)
 
     # (b) Each scope's buckets (refilled with the database's clock), pause, concurrency
     # and mail in flight, as of now, with every other claim's effect visible.
@@ -89,7 +102,7 @@ async def _policed_claim(
     allowed = policy.allowance(states)
     total = limit if allowed.total is None else min(limit, allowed.total)
     if total <= 0:  # all mail paused, or out of tokens or room: nothing is claimed
-        return []
+        return Claimed([], policed=True)
 
     # (d) Claim: mail of unlimited domains as usual, each limited domain up to its own
     # allowance, all of it in priority order and at most ``total``; a domain that may
@@ -114,7 +127,7 @@ async def _policed_claim(
     )
     if taken:
         await conn.execute(queries.TAKE_TOKENS, list(taken), list(taken.values()), clock)
-    return claimed
+    return Claimed(claimed, policed=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,6 +188,9 @@ class PgStore:
     def __init__(self, pool: asyncpg.Pool, database_url: str) -> None:
         self._pool = pool
         self._database_url = database_url
+        #: The last claim found a sending policy: the next one goes the policed way at
+        #: once instead of trying the plain claim first.
+        self._policed = False
 
     @classmethod
     async def open(cls, database_url: str, name: str) -> PgStore:
@@ -238,15 +241,17 @@ class PgStore:
         self, name: str, limit: int, *, lease: float, stale_after: float, max_abandons: int
     ) -> list[ClaimedMail]:
         async with self._pool.acquire() as conn:
-            rows = await limits.claim(
+            claimed = await limits.claim(
                 conn,
                 limit=limit,
                 name=name,
                 lease=lease,
                 stale_after=stale_after,
                 max_abandons=max_abandons,
+                policed=self._policed,
             )
-        return [ClaimedMail.from_record(row) for row in rows]
+        self._policed = claimed.policed
+        return [ClaimedMail.from_record(row) for row in claimed.rows]
 
     async def release_unknown(self, name: str, held: Collection[int]) -> int:
         rows = await self._pool.fetch(queries.RELEASE_UNKNOWN, name, list(held))

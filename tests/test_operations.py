@@ -472,10 +472,10 @@ async def test_policy_changes_never_deadlock_with_policed_claims(db: asyncpg.Poo
     async def claimer(name: str) -> None:
         for _ in range(25):
             async with db.acquire() as conn:
-                rows = await limits.claim(
+                taken = await limits.claim(
                     conn, limit=2, name=name, lease=60.0, stale_after=10.0, max_abandons=5
                 )
-            claimed.extend(r["id"] for r in rows)
+            claimed.extend(r["id"] for r in taken.rows)
 
     async def operator(domain: str | None) -> None:
         for _ in range(15):

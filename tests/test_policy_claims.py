@@ -87,9 +87,28 @@ async def _claim(
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
             return await _claim(conn, name, limit)
-    return await limits.claim(
+    claimed = await limits.claim(
         db, limit=limit, name=name, lease=60.0, stale_after=STALE, max_abandons=5
     )
+    return claimed.rows
+
+
+async def test_a_claim_says_whether_a_policy_was_in_force_and_takes_the_hint(
+    db: asyncpg.Pool,
+) -> None:
+    await _fill(db, 4, "a.example")
+    await _beat(db, "a")
+    args = {"name": "a", "lease": 60.0, "stale_after": STALE, "max_abandons": 5}
+    async with db.acquire() as conn:
+        # No policy, though the caller expected one: the plain claim, and it says so.
+        first = await limits.claim(conn, limit=1, policed=True, **args)
+        assert len(first.rows) == 1 and not first.policed
+        await _policy(db, "a.example", concurrency=2)
+        # A policy now, though the caller expected none: it is found and kept to.
+        second = await limits.claim(conn, limit=4, **args)
+        assert len(second.rows) == 1 and second.policed
+        third = await limits.claim(conn, limit=4, policed=True, **args)
+        assert third.rows == [] and third.policed  # at its concurrency limit of 2
 
 
 async def _record(
