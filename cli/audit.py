@@ -10,28 +10,18 @@ role or database, schema not at head).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import dataclasses
-import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any, TextIO
-
-import asyncpg
 
 from outbox.api import idempotency as registration_keys
 from outbox.cli import args as types
-from outbox.cli.output import OutputClosed
+from outbox.cli import present
 from outbox.dispatcher import operations as ops
-from outbox.dispatcher import startup
-from outbox.dispatcher.db import CONNECTION_ERRORS, Connection
-from outbox.dispatcher.settings import load_settings, require_database_url
-
-#: Errors of the database itself, as opposed to bugs (see :func:`startup.classify`).
-_DATABASE_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+from outbox.dispatcher.db import Connection
+from outbox.dispatcher.settings import load_settings
 
 
 def register(sub: Any) -> None:
@@ -150,66 +140,6 @@ def register(sub: Any) -> None:
 # --- Plumbing -------------------------------------------------------------------------------
 
 
-def _database_url() -> str:
-    settings = load_settings()
-    if settings.database_url is None:
-        # No DATABASE_URL: an `outbox dev` running here is the obvious database to audit.
-        from outbox.cli.dev import running_dev_database
-
-        url = running_dev_database()
-        if url is not None:
-            print(f"(DATABASE_URL not set: using the outbox dev database, {url})", file=sys.stderr)
-            return url
-    return require_database_url(settings)
-
-
-def _run(command: str, work: Callable[[Connection], Awaitable[int]]) -> int:
-    """Check the database (:mod:`dispatcher.startup`), run ``work``, close; database
-    trouble is one line on stderr: exit 2 when misconfigured, 1 when unreachable."""
-    url = _database_url()
-
-    async def main() -> int:
-        conn = await startup.connect(url, application_name=f"outbox {command}")
-        try:
-            await startup.check_schema(conn)
-            return await work(conn)
-        finally:
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await conn.close(timeout=2)
-
-    try:
-        return asyncio.run(main())
-    except OutputClosed:
-        raise  # the reader of our output went away: not a database problem
-    except startup.StartupError as problem:
-        _error(command, str(problem))
-        return problem.exit_code
-    except _DATABASE_ERRORS as exc:
-        trouble = startup.classify(exc, url)
-        assert trouble is not None
-        _error(command, str(trouble))
-        return trouble.exit_code
-
-
-def _error(command: str, message: str) -> None:
-    print(f"outbox {command}: {message}", file=sys.stderr)
-
-
-def _clean(value: object, width: int | None = None) -> str:
-    """Text safe for a terminal: control characters (escape sequences, CR/LF) become spaces."""
-    text = "" if value is None else str(value)
-    text = "".join(" " if ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in text)
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def _time(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _age(value: float) -> str:
     total = int(value)
     if total < 60:
@@ -222,28 +152,6 @@ def _age(value: float) -> str:
         return f"{hours}h {minutes}m"
     days, hours = divmod(hours, 24)
     return f"{days}d {hours}h"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    for row in (headers, *rows):
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _print_json(value: object) -> None:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
 
 
 class _Progress:
@@ -288,11 +196,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
             body = dataclasses.asdict(summary)
             body["policies"] = [policy_json(p) for p in summary.policies]
-            _print_json(body)
+            present.print_json(body)
             return 0
         queue = summary.queue
         out = sys.stdout
-        print(f"outbox at {_time(summary.checked_at)} UTC", file=out)
+        print(f"outbox at {present.time_text(summary.checked_at)} UTC", file=out)
         for status in ops.STATUSES:
             note = ""
             if status == "pending":
@@ -315,22 +223,24 @@ def cmd_status(ns: argparse.Namespace) -> int:
         if summary.dispatchers:
             rows = [
                 [
-                    _clean(d.name, 40),
-                    _clean(d.hostname, 40),
+                    present.clean(d.name, 40),
+                    present.clean(d.hostname, 40),
                     str(d.pid),
-                    _time(d.started_at),
-                    _time(d.last_beat_at),
+                    present.time_text(d.started_at),
+                    present.time_text(d.last_beat_at),
                     "live" if d.live else "gone",
                 ]
                 for d in summary.dispatchers
             ]
-            _table(["  NAME", "HOST", "PID", "STARTED", "LAST BEAT", "STATE"], _indent(rows), out)
+            present.table(
+                ["  NAME", "HOST", "PID", "STARTED", "LAST BEAT", "STATE"], _indent(rows), out
+            )
             for d in summary.dispatchers:
                 if d.live and d.smtp_error is not None:
                     print(
-                        f"  {_clean(d.name, 40)}: sending paused since "
-                        f"{_time(d.smtp_unreachable_since)}, SMTP server "
-                        f"unreachable: {_clean(d.smtp_error, 200)}",
+                        f"  {present.clean(d.name, 40)}: sending paused since "
+                        f"{present.time_text(d.smtp_unreachable_since)}, SMTP server "
+                        f"unreachable: {present.clean(d.smtp_error, 200)}",
                         file=out,
                     )
         if summary.policies:
@@ -338,10 +248,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
             print("sending policy (outbox limit list):", file=out)
             for policy in summary.policies:
-                print(f"  {_clean(describe(policy))}", file=out)
+                print(f"  {present.clean(describe(policy))}", file=out)
         return 0
 
-    return _run("status", work)
+    return present.run("status", work)
 
 
 def _indent(rows: list[list[str]]) -> list[list[str]]:
@@ -363,7 +273,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
             key=ns.key,
         )
         if ns.json:
-            _print_json(
+            present.print_json(
                 {"items": [dataclasses.asdict(r) for r in page.items], "next": page.next_cursor}
             )
             return 0
@@ -372,15 +282,15 @@ def cmd_list(ns: argparse.Namespace) -> int:
                 str(r.id),
                 r.status,
                 str(r.attempts),
-                _time(r.created_at),
-                _clean(r.recipient, 40),
-                _clean(r.subject, 40),
-                _clean(_last_error(r) or "", 50),
+                present.time_text(r.created_at),
+                present.clean(r.recipient, 40),
+                present.clean(r.subject, 40),
+                present.clean(_last_error(r) or "", 50),
             ]
             for r in page.items
         ]
         if rows:
-            _table(
+            present.table(
                 ["ID", "STATUS", "ATT", "CREATED (UTC)", "RECIPIENT", "SUBJECT", "LAST ERROR"],
                 rows,
                 sys.stdout,
@@ -391,7 +301,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
             print(f"more: add --before {page.next_cursor} for the next page", file=sys.stderr)
         return 0
 
-    return _run("list", work)
+    return present.run("list", work)
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
@@ -400,15 +310,15 @@ def cmd_show(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         detail = await ops.show(conn, ns.id)
         if detail is None:
-            _error("show", f"no mail with id {ns.id}")
+            present.error("show", f"no mail with id {ns.id}")
             return 1
         if ns.json:
-            _print_json(detail)
+            present.print_json(detail)
             return 0
         _print_detail(detail, sys.stdout)
         return 0
 
-    return _run("show", work)
+    return present.run("show", work)
 
 
 def cmd_explain(ns: argparse.Namespace) -> int:
@@ -423,17 +333,17 @@ def cmd_explain(ns: argparse.Namespace) -> int:
             max_age=settings.dispatcher_max_age,
         )
         if why is None:
-            _error("explain", f"no mail with id {ns.id}")
+            present.error("explain", f"no mail with id {ns.id}")
             return 1
         if ns.json:
-            _print_json(why)
+            present.print_json(why)
             return 0
-        print(_clean(why.summary))
+        print(present.clean(why.summary))
         for reason in why.reasons:
-            print(f"  {_clean(reason)}")
+            print(f"  {present.clean(reason)}")
         return 0
 
-    return _run("explain", work)
+    return present.run("explain", work)
 
 
 def _last_error(row: ops.MailRow) -> str | None:
@@ -454,40 +364,45 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
         ("to", f"{r.recipient_name} <{r.recipient}>" if r.recipient_name else r.recipient),
         ("subject", r.subject),
         ("key", r.idempotency_key or "-"),
-        ("created", f"{_time(r.created_at)} UTC"),
-        ("updated", f"{_time(r.updated_at)} UTC"),
-        ("sent", f"{_time(r.sent_at)} UTC" if r.sent_at else "-"),
-        ("next attempt", f"{_time(r.next_attempt_at)} UTC" if r.status == "pending" else "-"),
+        ("created", f"{present.time_text(r.created_at)} UTC"),
+        ("updated", f"{present.time_text(r.updated_at)} UTC"),
+        ("sent", f"{present.time_text(r.sent_at)} UTC" if r.sent_at else "-"),
+        (
+            "next attempt",
+            f"{present.time_text(r.next_attempt_at)} UTC" if r.status == "pending" else "-",
+        ),
         (
             "lease",
-            f"{r.lease_owner} until {_time(r.lease_expires_at)} UTC" if r.lease_owner else "-",
+            f"{r.lease_owner} until {present.time_text(r.lease_expires_at)} UTC"
+            if r.lease_owner
+            else "-",
         ),
         ("last error", _last_error(r) or "-"),
     ]
     print(f"mail {r.id}", file=out)
     for name, value in fields:
-        print(f"  {name:<13} {_clean(value)}", file=out)
+        print(f"  {name:<13} {present.clean(value)}", file=out)
     print("headers (as sent):", file=out)
     if detail.render_error:
-        print(f"  cannot render: {_clean(detail.render_error)}", file=out)
+        print(f"  cannot render: {present.clean(detail.render_error)}", file=out)
     for name, value in detail.headers:
-        print(f"  {name}: {_clean(value)}", file=out)
+        print(f"  {name}: {present.clean(value)}", file=out)
     print(f"attempts ({len(detail.history)}):", file=out)
     if detail.history:
         rows = [
             [
                 f"  {a.attempt}",
                 a.outcome + (" (lease lost)" if a.lease_lost else ""),
-                _clean(a.dispatcher, 30),
-                _time(a.started_at),
+                present.clean(a.dispatcher, 30),
+                present.time_text(a.started_at),
                 f"{(a.finished_at - a.started_at).total_seconds():.3f}s",
                 a.smtp_stage or "-",
                 str(a.smtp_code or "-"),
-                _clean(a.error or a.smtp_reply, 60),
+                present.clean(a.error or a.smtp_reply, 60),
             ]
             for a in detail.history
         ]
-        _table(
+        present.table(
             [
                 "  #",
                 "OUTCOME",
@@ -503,7 +418,7 @@ def _print_detail(detail: ops.MailDetail, out: TextIO) -> None:
         )
     print("body (text):", file=out)
     for line in detail.body_text.splitlines():
-        print(f"  | {_clean(line)}", file=out)
+        print(f"  | {present.clean(line)}", file=out)
     if detail.body_html is not None:
         print(f"body (html): {len(detail.body_html):,} characters (--json shows it)", file=out)
 
@@ -513,7 +428,7 @@ def _report(command: str, verb: str, result: ops.ChangeResult, hint: str = "") -
         print(f"{verb}: {' '.join(str(i) for i in result.changed)}")
     for refused in result.refused:
         extra = hint if refused.status == "pending" else ""
-        _error(command, f"{refused.id}: {refused.reason}{extra}")
+        present.error(command, f"{refused.id}: {refused.reason}{extra}")
     return 1 if result.refused else 0
 
 
@@ -539,7 +454,7 @@ def cmd_retry(ns: argparse.Namespace) -> int:
         print(f"retried {total:,} failed mails")
         return 0
 
-    return _run("retry", work)
+    return present.run("retry", work)
 
 
 def cmd_cancel(ns: argparse.Namespace) -> int:
@@ -548,7 +463,7 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         return _report("cancel", "cancelled", await ops.cancel(conn, ns.ids))
 
-    return _run("cancel", work)
+    return present.run("cancel", work)
 
 
 def _counts(deleted: Mapping[str, int]) -> str:
@@ -585,12 +500,12 @@ def cmd_prune(ns: argparse.Namespace) -> int:
         print(
             f"{verb} {result.total:,} mails ({_counts(result.deleted)}) and "
             f"{result.attempts_deleted:,} attempts created and completed before "
-            f"{_time(result.cutoff)} UTC"
+            f"{present.time_text(result.cutoff)} UTC"
         )
         if result.keys_cutoff is not None:
             print(
                 f"{verb} {result.keys_deleted:,} idempotency keys made before "
-                f"{_time(result.keys_cutoff)} UTC whose mail is gone"
+                f"{present.time_text(result.keys_cutoff)} UTC whose mail is gone"
             )
         # POST /register's Idempotency-Key rows live 24 h, whatever the age given (a
         # database migrated --without-registration has no such table).
@@ -601,4 +516,4 @@ def cmd_prune(ns: argparse.Namespace) -> int:
             print(f"{verb} {expired:,} expired registration keys (Idempotency-Key, kept 24 h)")
         return 0
 
-    return _run("prune", work)
+    return present.run("prune", work)

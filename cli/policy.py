@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from outbox.cli import args as types
-from outbox.cli.audit import _clean, _error, _print_json, _run, _table, _time
+from outbox.cli import present
 from outbox.dispatcher import policies
 from outbox.dispatcher.db import Connection
 
@@ -142,7 +142,7 @@ def _throttle(p: policies.Policy) -> str:
     if p.throttle is None:
         return "-"
     rate, base = policies.rate_words(p.throttle.rate), policies.rate_words(p.throttle.base)
-    return f"{rate} (halved from {base} at {_time(p.throttle.since)} UTC)"
+    return f"{rate} (halved from {base} at {present.time_text(p.throttle.since)} UTC)"
 
 
 def describe(p: policies.Policy) -> str:
@@ -183,10 +183,10 @@ def cmd_limit_set(ns: argparse.Namespace) -> int:
         policy = await policies.set_limits(
             conn, ns.domain, rates=ns.rate, concurrency=ns.concurrency
         )
-        print(f"limit set: {_clean(describe(policy))}")
+        print(f"limit set: {present.clean(describe(policy))}")
         return 0
 
-    return _run("limit set", work)
+    return present.run("limit set", work)
 
 
 def cmd_limit_list(ns: argparse.Namespace) -> int:
@@ -195,7 +195,7 @@ def cmd_limit_list(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         found = await policies.list_policies(conn)
         if ns.json:
-            _print_json({"items": [policy_json(p) for p in found]})
+            present.print_json({"items": [policy_json(p) for p in found]})
             return 0
         if not found:
             print(
@@ -205,7 +205,7 @@ def cmd_limit_list(ns: argparse.Namespace) -> int:
             return 0
         rows = [
             [
-                _clean(p.name, 60),
+                present.clean(p.name, 60),
                 _rates(p) or "-",
                 f"{p.concurrency:,}" if p.concurrency is not None else "-",
                 "paused" if p.paused else "-",
@@ -215,14 +215,14 @@ def cmd_limit_list(ns: argparse.Namespace) -> int:
             ]
             for p in found
         ]
-        _table(
+        present.table(
             ["SCOPE", "RATES", "CONCURRENCY", "PAUSED", "THROTTLE", "IN FLIGHT", "WAITING"],
             rows,
             sys.stdout,
         )
         return 0
 
-    return _run("limit list", work)
+    return present.run("limit list", work)
 
 
 def cmd_limit_rm(ns: argparse.Namespace) -> int:
@@ -230,12 +230,12 @@ def cmd_limit_rm(ns: argparse.Namespace) -> int:
 
     async def work(conn: Connection) -> int:
         if not await policies.remove_limits(conn, ns.domain):
-            _error("limit rm", f"{policies.scope_name(ns.domain)} has no limit to remove")
+            present.error("limit rm", f"{policies.scope_name(ns.domain)} has no limit to remove")
             return 1
         print(f"removed the limits of {policies.scope_name(ns.domain)}")
         return 0
 
-    return _run("limit rm", work)
+    return present.run("limit rm", work)
 
 
 def cmd_pause(ns: argparse.Namespace) -> int:
@@ -252,7 +252,7 @@ def cmd_pause(ns: argparse.Namespace) -> int:
             print(f"{name} was paused already")
         return 0
 
-    return _run("pause", work)
+    return present.run("pause", work)
 
 
 def cmd_resume(ns: argparse.Namespace) -> int:
@@ -266,7 +266,7 @@ def cmd_resume(ns: argparse.Namespace) -> int:
             print(f"{name} was not paused")
         return 0
 
-    return _run("resume", work)
+    return present.run("resume", work)
 
 
 def cmd_suppress(ns: argparse.Namespace) -> int:
@@ -275,15 +275,16 @@ def cmd_suppress(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         entry, created = await policies.suppress(conn, ns.address, ns.reason)
         if created:
-            print(f"suppressed {_clean(entry.address)}: mail to it is not sent")
+            print(f"suppressed {present.clean(entry.address)}: mail to it is not sent")
         else:
             print(
-                f"{_clean(entry.address)} is on the suppression list already, since "
-                f"{_time(entry.created_at)} UTC ({entry.source}: {_clean(entry.reason, 200)})"
+                f"{present.clean(entry.address)} is on the suppression list already, since "
+                f"{present.time_text(entry.created_at)} UTC "
+                f"({entry.source}: {present.clean(entry.reason, 200)})"
             )
         return 0
 
-    return _run("suppress", work)
+    return present.run("suppress", work)
 
 
 def cmd_unsuppress(ns: argparse.Namespace) -> int:
@@ -291,12 +292,14 @@ def cmd_unsuppress(ns: argparse.Namespace) -> int:
 
     async def work(conn: Connection) -> int:
         if not await policies.unsuppress(conn, ns.address):
-            _error("unsuppress", f"{_clean(ns.address)} is not on the suppression list")
+            present.error(
+                "unsuppress", f"{present.clean(ns.address)} is not on the suppression list"
+            )
             return 1
-        print(f"unsuppressed {_clean(ns.address)}")
+        print(f"unsuppressed {present.clean(ns.address)}")
         return 0
 
-    return _run("unsuppress", work)
+    return present.run("unsuppress", work)
 
 
 def cmd_suppressions(ns: argparse.Namespace) -> int:
@@ -305,23 +308,23 @@ def cmd_suppressions(ns: argparse.Namespace) -> int:
     async def work(conn: Connection) -> int:
         page = await policies.list_suppressions(conn, limit=ns.limit)
         if ns.json:
-            _print_json({"items": [asdict(s) for s in page.items], "total": page.total})
+            present.print_json({"items": [asdict(s) for s in page.items], "total": page.total})
             return 0
         if not page.items:
             print("the suppression list is empty", file=sys.stderr)
             return 0
         rows = [
             [
-                _clean(s.address, 60),
+                present.clean(s.address, 60),
                 s.source,
-                _time(s.created_at),
-                _clean(s.reason, 80),
+                present.time_text(s.created_at),
+                present.clean(s.reason, 80),
             ]
             for s in page.items
         ]
-        _table(["ADDRESS", "SOURCE", "SINCE (UTC)", "REASON"], rows, sys.stdout)
+        present.table(["ADDRESS", "SOURCE", "SINCE (UTC)", "REASON"], rows, sys.stdout)
         if page.total > len(page.items):
             print(f"{page.total - len(page.items):,} more not shown (--limit)", file=sys.stderr)
         return 0
 
-    return _run("suppressions", work)
+    return present.run("suppressions", work)
