@@ -2,7 +2,8 @@
 
     ./run bench dispatch [--mails 5000] [--concurrency 16] [--batch-size 64] [--rounds 2]
                          [--latency-seconds 10] [--slow-mails 6000] [--slow-concurrency 200]
-                         [--only drain|latency|slow] [--sink lean|aiosmtpd] [--profile FILE]
+                         [--only drain|latency|slow] [--sink lean|aiosmtpd] [--no-pipelining]
+                         [--profile FILE]
 
 Starts its own embedded PostgreSQL (durable default settings) and SMTP sinks
 (bench/sink.py in separate processes: by default a minimal asyncio SMTP server, so that
@@ -97,8 +98,9 @@ def log(text: str) -> None:
 class Sink:
     """bench/sink.py in its own process."""
 
-    #: Which server bench/sink.py runs (--sink).
+    #: Which server bench/sink.py runs (--sink), and whether it offers PIPELINING.
     server = "lean"
+    pipelining = True
 
     def __init__(
         self, workdir: Path, delay: float = 0.0, fail_rate: float = 0.0, *extra: str
@@ -119,6 +121,7 @@ class Sink:
                 str(fail_rate),
                 "--server",
                 self.server,
+                *(() if self.pipelining else ("--no-pipelining",)),
                 *extra,
             ],
             stdout=subprocess.PIPE,
@@ -772,6 +775,14 @@ def main() -> None:
         "which costs more CPU per mail than the raw client and so caps its throughput",
     )
     parser.add_argument(
+        "--no-pipelining",
+        dest="pipelining",
+        action="store_false",
+        help="the sink does not offer PIPELINING (RFC 2920), which production servers "
+        "offer: the dispatcher then sends MAIL, RCPT and DATA one at a time, as the raw "
+        "client always does",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="after the drain rounds, profile one more dispatcher drain with cProfile, "
@@ -779,6 +790,7 @@ def main() -> None:
     )
     ns = parser.parse_args()
     Sink.server = ns.sink
+    Sink.pipelining = ns.pipelining
     if ns.profile:
         ns.profile = os.path.abspath(ns.profile)
     asyncio.run(run(ns))

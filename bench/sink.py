@@ -2,7 +2,7 @@
 
     python bench/sink.py --port 2525 --log accepted.txt [--delay 0.2] [--fail-rate 0.1]
                          [--server lean|aiosmtpd] [--domain-delay D=SECONDS ...]
-                         [--domain-rate D=PER_SECOND ...]
+                         [--domain-rate D=PER_SECOND ...] [--no-pipelining]
 
 Each accepted message adds a line ``<unix time> <Message-ID> <recipient domain>`` to the
 log, written when the process gets SIGTERM (nothing is written during the run, so the
@@ -20,6 +20,10 @@ that limits a sender: a RCPT for D beyond that many in the last second gets
 sink, should be what a benchmark measures. ``--server aiosmtpd`` runs aiosmtpd instead,
 which parses and checks every command like a real server, and costs more CPU per mail
 than the clients it serves (so it, not they, sets the pace).
+
+Both offer PIPELINING (RFC 2920), as production servers do, unless ``--no-pipelining``;
+like Postfix, the lean server writes the replies to commands that arrived together in
+one go.
 """
 
 from __future__ import annotations
@@ -29,15 +33,21 @@ import asyncio
 import random
 import re
 import signal
+import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from outbox.cli.sink import Pipelining
+
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 
-class Handler:
-    """Decides each message's reply and remembers what was accepted."""
+class Handler(Pipelining):
+    """Decides each message's reply and remembers what was accepted (and, as an aiosmtpd
+    handler, whether EHLO offers PIPELINING)."""
 
     def __init__(
         self,
@@ -94,6 +104,7 @@ class Handler:
 
 
 _EHLO = b"250-bench-sink\r\n250-SIZE 33554432\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+_EHLO_PIPELINING = _EHLO.replace(b"250-SIZE", b"250-PIPELINING\r\n250-SIZE")
 _REPLIES = {
     b"HELO": b"250 bench-sink\r\n",
     b"MAIL": b"250 2.1.0 OK\r\n",
@@ -104,7 +115,10 @@ _REPLIES = {
 
 
 class LeanSmtp(asyncio.Protocol):
-    """One client connection: commands line by line, then the data up to ``CRLF.CRLF``."""
+    """One client connection: commands line by line, then the data up to ``CRLF.CRLF``.
+
+    The replies to what arrived in one read go out in one write, as Postfix does.
+    """
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
@@ -113,6 +127,8 @@ class LeanSmtp(asyncio.Protocol):
         self.in_data = False
         #: The recipient domain of the message in progress ("" before RCPT).
         self.domain = ""
+        #: Replies held while a read is processed (None: write at once).
+        self.out: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -121,6 +137,15 @@ class LeanSmtp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.out = []
+        try:
+            self._commands()
+        finally:
+            out, self.out = self.out, None
+            if out and self.transport is not None:
+                self.transport.write(b"".join(out))
+
+    def _commands(self) -> None:
         while self.transport is not None:
             if self.in_data:
                 # The data ends with a line holding a lone dot (it may be the first line).
@@ -150,28 +175,36 @@ class LeanSmtp(asyncio.Protocol):
                 reply = self.handler.rcpt(domain)
                 if reply.startswith(b"250"):
                     self.domain = domain
-                self.transport.write(reply)
+                self._send(reply)
             elif verb == b"RSET" and self.domain:
                 self.handler.done(self.domain)
                 self.domain = ""
-                self.transport.write(_REPLIES[verb])
+                self._send(_REPLIES[verb])
             elif verb == b"EHLO":
-                self.transport.write(_EHLO)
+                self._send(_EHLO_PIPELINING if self.handler.pipelining else _EHLO)
             elif verb == b"DATA":
                 self.in_data = True
-                self.transport.write(b"354 end data with <CR><LF>.<CR><LF>\r\n")
+                self._send(b"354 end data with <CR><LF>.<CR><LF>\r\n")
             elif verb == b"QUIT":
-                self.transport.write(b"221 bye\r\n")
+                self._send(b"221 bye\r\n")
+                assert self.out is not None
+                self.transport.write(b"".join(self.out))
+                self.out.clear()
                 self.transport.close()
                 self.transport = None
             else:
-                self.transport.write(_REPLIES.get(verb, b"500 5.5.2 command not recognized\r\n"))
+                self._send(_REPLIES.get(verb, b"500 5.5.2 command not recognized\r\n"))
+
+    def _send(self, reply: bytes) -> None:
+        if self.out is not None:
+            self.out.append(reply)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
 
     def _answer(self, content: bytes, domain: str) -> None:
         if domain:
             self.handler.done(domain)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.handler.reply(content, domain).encode() + b"\r\n")
+        self._send(self.handler.reply(content, domain).encode() + b"\r\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.domain:
@@ -196,6 +229,9 @@ async def main() -> None:
     parser.add_argument("--server", choices=("lean", "aiosmtpd"), default="lean")
     parser.add_argument("--domain-delay", action="append", default=[], metavar="D=SECONDS")
     parser.add_argument("--domain-rate", action="append", default=[], metavar="D=PER_SECOND")
+    parser.add_argument(
+        "--no-pipelining", dest="pipelining", action="store_false", help="do not offer it"
+    )
     ns = parser.parse_args()
     handler = Handler(
         ns.delay,
@@ -203,6 +239,7 @@ async def main() -> None:
         _per_domain(ns.domain_delay, "--domain-delay"),
         _per_domain(ns.domain_rate, "--domain-rate"),
     )
+    handler.pipelining = ns.pipelining
     loop = asyncio.get_running_loop()
     if ns.server == "aiosmtpd":
         from aiosmtpd.smtp import SMTP

@@ -1,8 +1,11 @@
 """The claimer: lease due mail in batches whenever the senders have room for it.
 
-It keeps at most ``2 * concurrency`` rows claimed and unfinished (the high-water mark):
-enough that a sender never waits for a claim, few enough that rows do not sit in our
-queue while other dispatchers are idle. It claims nothing while the SMTP server is
+It keeps at most ``concurrency + 2 * batch_size`` rows claimed and unfinished (the
+high-water mark) and claims the next batch as soon as there is room for it, that is
+while up to a batch still waits in the queue: the senders work through those while the
+claim is on its way, so none waits for a claim (a claim's commit waits for the WAL to
+reach the disk). Few enough that rows do not sit in our queue while other dispatchers
+are idle: ``DISPATCHER_BATCH_SIZE`` bounds it. It claims nothing while the SMTP server is
 unreachable or our heartbeat is failing, and sleeps when the queue is drained until
 NOTIFY, the next scheduled retry, the poll interval or a stop, whichever comes first.
 """
@@ -50,17 +53,18 @@ class Claimer:
         """Claim until a stop is requested (checked between claims, never during one)."""
         cfg = self._config
         shared = self._shared
-        high_water = 2 * cfg.concurrency
+        high_water = cfg.concurrency + 2 * cfg.batch_size
         failures = 0
         unsure = False  # a claim failed: it may have committed without our learning of it
         while not shared.stop.is_set():
             if unsure:
                 unsure = not await self._release_unknown()
             room = high_water - shared.outstanding
-            wanted = min(cfg.batch_size, high_water)
             # Claim in batches: wait for a batch's worth of room unless senders are idle
             # or urgent mail came in.
-            if room <= 0 or (room < wanted and not shared.queue.empty() and not shared.urgent):
+            if room <= 0 or (
+                room < cfg.batch_size and not shared.queue.empty() and not shared.urgent
+            ):
                 shared.room.clear()
                 await shared.wait_any(shared.room, cfg.poll_interval)
                 continue

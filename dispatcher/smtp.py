@@ -13,12 +13,15 @@ import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import aiosmtplib
 
 from outbox.dispatcher.message import Rendered
+from outbox.dispatcher.pipelining import PipelinedReplies, command_line
 from outbox.dispatcher.settings import Settings
+
+_R = TypeVar("_R")
 
 #: After this long unused, a connection is checked with NOOP before it carries a mail:
 #: servers drop idle clients, and a mail should not be the thing that discovers it.
@@ -39,6 +42,10 @@ class Verdict(enum.Enum):
 #: How far an SMTP transaction got: the step that was begun last. ``render`` means the
 #: message could not be built; ``end_of_data`` that the server had the whole message.
 Stage = Literal["render", "connect", "mail", "rcpt", "data", "end_of_data"]
+
+#: The commands that open a transaction, and the replies that let it go on.
+_ENVELOPE_STAGES: tuple[Stage, ...] = ("mail", "rcpt", "data")
+_EXPECTED: dict[str, tuple[int, ...]] = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +162,10 @@ class SmtpConnection:
     async def send(self, message: Rendered) -> SendResult:
         """Send one message to its one recipient and classify the outcome.
 
-        The transaction is driven command by command, so that the result says which
-        step a refusal answered (``stage``) and whether the server already had the whole
-        message when the connection failed.
+        The replies are read one by one (MAIL, RCPT and DATA in one write when the
+        server offers PIPELINING), so that the result says which step a refusal
+        answered (``stage``) and whether the server already had the whole message when
+        the connection failed.
         """
         self.stage = "connect"
         try:
@@ -187,21 +195,18 @@ class SmtpConnection:
                     stage="mail",
                 )
             options = [b"SMTPUTF8", b"BODY=8BITMIME"]
+        envelope = (
+            (b"MAIL", b"FROM:<" + str(message.sender).encode("utf-8") + b">", *options),
+            (b"RCPT", b"TO:<" + str(message.recipient).encode("utf-8") + b">"),
+            (b"DATA",),
+        )
         try:
-            self.stage = "mail"
-            sender = str(message.sender).encode("utf-8")
-            reply = await self._command(client, b"MAIL", b"FROM:<" + sender + b">", *options)
-            if reply.code != 250:
-                return await self._refused(client, reply.code, reply.message)
-            self.stage = "rcpt"
-            recipient = str(message.recipient).encode("utf-8")
-            reply = await self._command(client, b"RCPT", b"TO:<" + recipient + b">")
-            if reply.code not in (250, 251):
-                return await self._refused(client, reply.code, reply.message)
-            self.stage = "data"
-            reply = await self._command(client, b"DATA")
-            if reply.code != 354:
-                return await self._refused(client, reply.code, reply.message)
+            if client.supports_extension("pipelining"):
+                refused = await self._pipelined_envelope(client, envelope)
+            else:
+                refused = await self._envelope(client, envelope)
+            if refused is not None:
+                return refused
             self.stage = "end_of_data"
             # The content and the lone dot that ends it go straight to the protocol: a
             # command may not hold line breaks, and this connection carries one
@@ -223,14 +228,53 @@ class SmtpConnection:
             return SendResult(Verdict.SENT, reply.code, reply.message, stage="end_of_data")
         return await self._refused(client, reply.code, reply.message)
 
+    async def _envelope(
+        self, client: aiosmtplib.SMTP, envelope: tuple[tuple[bytes, ...], ...]
+    ) -> SendResult | None:
+        """MAIL, RCPT and DATA one at a time; the result of a refusal, or None on 354."""
+        for stage, command in zip(_ENVELOPE_STAGES, envelope, strict=True):
+            self.stage = stage
+            reply = await self._command(client, *command)
+            if reply.code not in _EXPECTED[stage]:
+                return await self._refused(client, reply.code, reply.message)
+        return None
+
+    async def _pipelined_envelope(
+        self, client: aiosmtplib.SMTP, envelope: tuple[tuple[bytes, ...], ...]
+    ) -> SendResult | None:
+        """MAIL, RCPT and DATA in one write (RFC 2920): one round trip instead of three.
+
+        Every reply is checked, in order: the first refusal is the result. A server that
+        answers DATA with 354 although it refused the envelope would now read the
+        message as data; the connection is dropped instead, which aborts the
+        transaction (RFC 5321 4.1.1.4) without a message ever being completed.
+        """
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+
+        def progress(count: int) -> None:  # how far it got, should the wait be cut short
+            self.stage = _ENVELOPE_STAGES[min(count, len(_ENVELOPE_STAGES) - 1)]
+
+        self.stage = "mail"
+        reader = PipelinedReplies(cast(asyncio.Transport, transport), len(envelope), progress)
+        commands = b"".join(command_line(*command) for command in envelope)
+        replies = await self._reply(client, reader.read(commands))
+        for stage, reply in zip(_ENVELOPE_STAGES, replies, strict=True):
+            if reply.code not in _EXPECTED[stage]:
+                self.stage = stage
+                if replies[-1].code == 354:
+                    self.close()
+                    return classify_reply(reply.code, reply.message, stage)
+                return await self._refused(client, reply.code, reply.message)
+        return None
+
     async def _command(self, client: aiosmtplib.SMTP, *args: bytes) -> aiosmtplib.SMTPResponse:
         """Send one command and read its reply, within ``SMTP_TIMEOUT``."""
         return await self._reply(client, client.execute_command(*args, timeout=None))
 
-    async def _reply(
-        self, client: aiosmtplib.SMTP, reading: Awaitable[aiosmtplib.SMTPResponse]
-    ) -> aiosmtplib.SMTPResponse:
-        """Await ``reading`` (a command or a reply) within ``SMTP_TIMEOUT`` per reply.
+    async def _reply(self, client: aiosmtplib.SMTP, reading: Awaitable[_R]) -> _R:
+        """Await ``reading`` (a command, a reply or pipelined replies) within ``SMTP_TIMEOUT``.
 
         What aiosmtplib does with ``timeout=``, but with ``asyncio.timeout`` instead of
         ``asyncio.wait_for``, which costs an extra trip through the event loop per reply

@@ -19,6 +19,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from outbox.cli.embedded_pg import free_port
+from outbox.cli.sink import Pipelining
 
 
 @dataclass
@@ -59,8 +60,11 @@ def always_ok(recipient: str, seen: int) -> Reply:
 
 
 @dataclass
-class FaultyHandler:
-    """aiosmtpd handler whose DATA and RCPT replies follow plans the test sets."""
+class FaultyHandler(Pipelining):
+    """aiosmtpd handler whose DATA and RCPT replies follow plans the test sets.
+
+    It offers PIPELINING unless ``pipelining=False``.
+    """
 
     data_plan: Plan = always_ok
     rcpt_plan: Plan | None = None
@@ -68,6 +72,7 @@ class FaultyHandler:
     data_seen: Counter[str] = field(default_factory=Counter)
     rcpt_seen: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    pipelining: bool = True
 
     async def handle_RCPT(
         self,

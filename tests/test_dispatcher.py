@@ -1,11 +1,28 @@
-"""The dispatcher against a real PostgreSQL and real (fault-injecting) SMTP servers."""
+"""The dispatcher against a real PostgreSQL and real (fault-injecting) SMTP servers.
+
+Every test runs twice: against a server offering PIPELINING (MAIL, RCPT and DATA go in
+one write) and against one that does not (one command at a time).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncpg
+import pytest
 
 from tests.dispatching import enqueue_many, running_dispatcher, status_counts, wait_until
-from tests.smtp_server import Reply, SmtpServer
+from tests.smtp_server import FaultyHandler, Reply, SmtpServer
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) whose replies a test can script."""
+    server = SmtpServer(FaultyHandler(pipelining=request.param)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 async def test_happy_path_delivers_each_mail_once(

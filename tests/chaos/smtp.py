@@ -28,6 +28,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from outbox.cli.embedded_pg import free_port
+from outbox.cli.sink import Pipelining
 
 Mode = Literal["healthy", "slow", "flaky"]
 
@@ -72,8 +73,9 @@ class Mailbox:
 
 
 @dataclass
-class ChaosHandler:
-    """aiosmtpd handler: replies at DATA according to the current mode."""
+class ChaosHandler(Pipelining):
+    """aiosmtpd handler: replies at DATA according to the current mode (offers PIPELINING,
+    as production servers do)."""
 
     mailbox: Mailbox
     label: str
