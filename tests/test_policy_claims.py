@@ -262,6 +262,10 @@ async def test_domain_concurrency_and_rate_hold_across_dispatchers(db: asyncpg.P
     slow_claimed = 0
     async with db.acquire() as one, db.acquire() as two:
         for round_ in range(20):
+            # Both stay alive however slow the machine: a dispatcher that stopped
+            # beating no longer holds its mail in flight, by design.
+            await _beat(db, "a")
+            await _beat(db, "b")
             got = await asyncio.gather(_claim(one, "a", 10), _claim(two, "b", 10))
             rows = [row for batch in got for row in batch]
             in_flight = await _sending(db, slow)
