@@ -177,6 +177,16 @@ async def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
     return url
 
 
+async def drop_database(pg: EmbeddedPostgres, name: str) -> None:
+    """Drop a finished round's database, so that no autovacuum of its rows runs during the
+    next measurement."""
+    conn = await asyncpg.connect(pg.url())
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 async def wait_sent(conn: asyncpg.Connection, total: int, label: str, timeout: float = 600) -> None:
     """Poll until every row is sent, printing progress every 2 seconds."""
     started = time.monotonic()
@@ -412,6 +422,7 @@ async def dispatcher_drain(
         "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM outbox_attempts"
     )
     await conn.close()
+    await drop_database(pg, db_name)
     pg_cpu = sum(end - pg_start.get(pid, 0.0) for pid, end in pg_end.items())
     return {
         "rate": ns.mails / float(span),
@@ -455,6 +466,7 @@ async def drain_round(
                 )
     finally:
         sink.stop()
+        await drop_database(pg, f"drain_raw_{round_no}")
     result = DrainRound(figures["prebuilt"], figures["app"], figures["dispatcher"])
     log(
         f"    round {round_no + 1}: mails/s (CPU ms/mail): "

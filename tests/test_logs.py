@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, seed
+from hypothesis import strategies as st
 
 from outbox.dispatcher import logs
+from tests.hostile import SEED, hypothesis_settings
 
 
 @pytest.fixture
@@ -65,3 +70,94 @@ def test_the_level_is_a_threshold(captured: io.StringIO) -> None:
     assert captured.getvalue() == ""
     _emit(logging.WARNING)
     assert " WARNING " in captured.getvalue()
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _event(number: int) -> None:
+    logging.getLogger("dispatcher").info("mail.sent", extra={"outbox_id": number})
+
+
+def _ids(text: str) -> list[int]:
+    return [json.loads(line)["outbox_id"] for line in text.splitlines()]
+
+
+async def test_lines_of_one_loop_pass_go_out_in_one_write_in_order(
+    captured: io.StringIO,
+) -> None:
+    stream = _Writes()
+    _configure(stream, "INFO")
+    for number in range(5):
+        _event(number)
+    assert stream.writes == []  # held until this pass of the loop ends
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 1 and _ids(stream.getvalue()) == [0, 1, 2, 3, 4]
+    _event(5)
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 2 and _ids(stream.getvalue()) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_line_from_another_thread_goes_out_at_once_after_the_held_ones(
+    captured: io.StringIO,
+) -> None:
+    stream = _Writes()
+    _configure(stream, "INFO")
+    _event(1)
+    await asyncio.to_thread(_event, 2)  # no loop on that thread: written at once
+    assert _ids(stream.getvalue()) == [1, 2]
+
+
+def test_without_a_loop_each_line_is_written_at_once(captured: io.StringIO) -> None:
+    stream = _Writes()
+    _configure(stream, "INFO")
+    _event(1)
+    _event(2)
+    assert _ids(stream.getvalue()) == [1, 2] and len(stream.writes) == 2
+
+
+async def test_lines_held_when_the_process_ends_are_written_by_the_shutdown(
+    captured: io.StringIO,
+) -> None:
+    stream = _Writes()
+    _configure(stream, "INFO")
+    _event(1)
+    logging.getLogger().handlers[0].flush()  # what logging.shutdown() does at exit
+    assert _ids(stream.getvalue()) == [1]
+
+
+@seed(SEED)
+@hypothesis_settings(2000)
+@given(created=st.floats(min_value=0, max_value=2**33, allow_nan=False))
+def test_the_timestamp_is_isoformat_to_the_millisecond(created: float) -> None:
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert logs.timestamp(created) == expected
+
+
+def test_lines_held_by_a_loop_that_closed_go_out_with_the_next_loops(
+    captured: io.StringIO,
+) -> None:
+    stream = _Writes()
+    _configure(stream, "INFO")
+    first = asyncio.new_event_loop()
+    first.call_soon(_event, 1)  # schedules its flush after the stop below
+    first.call_soon(first.stop)
+    first.run_forever()
+    first.close()
+    assert stream.writes == []  # the flush never ran
+
+    async def log() -> None:
+        _event(2)
+        await asyncio.sleep(0)
+
+    asyncio.run(log())
+    assert _ids(stream.getvalue()) == [1, 2]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.headerregistry import Address
+from email.utils import format_datetime
 from html import escape as html_escape
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import given, seed
 from hypothesis import strategies as st
 
 from outbox.dispatcher.addresses import smtp_address, unsafe_text
-from outbox.dispatcher.message import Rendered, build_message
+from outbox.dispatcher.message import Rendered, build_message, header_date
 from outbox.dispatcher.outbox import Mail
 from tests.hostile import (
     ANY_CHAR,
@@ -212,3 +213,17 @@ def test_a_quoted_local_part_is_written_once_quoted() -> None:
     assert str(rendered.recipient) == '"john doe"@example.com'
     parsed = _parse(rendered.as_bytes())
     assert parsed["To"].addresses[0].addr_spec == '"john doe"@example.com'
+
+
+@seed(SEED)
+@hypothesis_settings(500)
+@given(
+    when=st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
+    minutes=st.none() | st.integers(min_value=-24 * 60 + 1, max_value=24 * 60 - 1),
+)
+def test_the_date_header_is_what_the_email_package_writes(
+    when: datetime, minutes: int | None
+) -> None:
+    if minutes is not None:
+        when = when.replace(tzinfo=timezone(timedelta(minutes=minutes)))
+    assert header_date(when) == format_datetime(when)
