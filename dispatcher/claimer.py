@@ -1,19 +1,20 @@
 """The claimer: lease due mail in batches whenever the senders have room for it.
 
-It keeps at most ``concurrency + 2 * batch_size`` rows claimed and unfinished (the
-high-water mark) and claims the next batch as soon as there is room for it, that is
-while up to a batch still waits in the queue: the senders work through those while the
-claim is on its way, so none waits for a claim (a claim's commit waits for the WAL to
-reach the disk). Few enough that rows do not sit in our queue while other dispatchers
-are idle: ``DISPATCHER_BATCH_SIZE`` bounds it. It claims nothing while the SMTP server is
-unreachable or our heartbeat is failing, and sleeps when the queue is drained until
-NOTIFY, the next scheduled retry, the poll interval or a stop, whichever comes first.
+Claimed rows wait in a local queue for a sender. The queue is kept as deep as the senders'
+pace needs (:class:`Prefetch`): a claim is a commit, which waits for the disk, and the
+senders should have enough to work through meanwhile; but never deeper than that, so a
+dispatcher behind a slow relay does not sit on mail that other dispatchers could send.
+It claims nothing while the SMTP server is unreachable or our heartbeat is failing, and
+sleeps when the queue is drained until NOTIFY, the next scheduled retry, the poll
+interval or a stop, whichever comes first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Tracer
@@ -27,7 +28,49 @@ from outbox.dispatcher.store import Store
 if TYPE_CHECKING:
     from outbox.dispatcher.daemon import DispatcherConfig
 
-__all__ = ["Claimer"]
+__all__ = ["Claimer", "Prefetch"]
+
+
+@dataclass
+class Prefetch:
+    """How many claimed rows may wait in the queue for a sender: measured, not configured.
+
+    Twice what the senders finish while a claim is on its way (their pace times a claim's
+    duration, both smoothed), at least one per sender and at most two batches. Behind a
+    slow relay that is one per sender; in a fast drain, enough that a sender never waits
+    for a claim.
+    """
+
+    concurrency: int
+    batch_size: int
+    #: Claims the senders finish per second, and seconds a claim takes (smoothed).
+    pace: float = 0.0
+    claim_seconds: float = 0.0
+
+    #: Weight of the newest sample in the smoothed figures.
+    SMOOTHING = 0.5
+
+    def queued(self) -> int:
+        """Most claimed rows to hold that no sender has taken yet."""
+        wanted = math.ceil(2 * self.pace * self.claim_seconds)
+        return max(self.concurrency, min(2 * self.batch_size, wanted))
+
+    def high_water(self) -> int:
+        """Most rows to hold claimed and unfinished (queued or being sent)."""
+        return self.concurrency + self.queued()
+
+    def low_room(self) -> int:
+        """Room worth a claim while rows still wait: half the queue, at most a batch."""
+        return min(self.batch_size, math.ceil(self.queued() / 2))
+
+    def claimed(self, seconds: float) -> None:
+        """A claim took ``seconds``."""
+        self.claim_seconds += self.SMOOTHING * (seconds - self.claim_seconds)
+
+    def finished(self, count: int, seconds: float) -> None:
+        """The senders finished ``count`` claims in the last ``seconds``."""
+        if seconds > 0:
+            self.pace += self.SMOOTHING * (count / seconds - self.pace)
 
 
 class Claimer:
@@ -48,22 +91,28 @@ class Claimer:
         self._liveness = liveness
         self._log = log
         self._tracer = tracer
+        self.prefetch = Prefetch(config.concurrency, config.batch_size)
 
     async def run(self) -> None:
         """Claim until a stop is requested (checked between claims, never during one)."""
         cfg = self._config
         shared = self._shared
-        high_water = cfg.concurrency + 2 * cfg.batch_size
+        prefetch = self.prefetch
         failures = 0
         unsure = False  # a claim failed: it may have committed without our learning of it
+        finished, since = shared.finished, time.monotonic()
         while not shared.stop.is_set():
             if unsure:
                 unsure = not await self._release_unknown()
-            room = high_water - shared.outstanding
-            # Claim in batches: wait for a batch's worth of room unless senders are idle
-            # or urgent mail came in.
+            now = time.monotonic()
+            if now - since >= 0.05:  # the senders' pace since the last look
+                prefetch.finished(shared.finished - finished, now - since)
+                finished, since = shared.finished, now
+            room = prefetch.high_water() - shared.outstanding
+            # Claim in batches: wait for room worth a claim unless senders are idle or
+            # urgent mail came in.
             if room <= 0 or (
-                room < cfg.batch_size and not shared.queue.empty() and not shared.urgent
+                room < prefetch.low_room() and not shared.queue.empty() and not shared.urgent
             ):
                 shared.room.clear()
                 await shared.wait_any(shared.room, cfg.poll_interval)
@@ -94,6 +143,7 @@ class Claimer:
                 continue
             failures = 0
             claim_finished_ns = time.time_ns()
+            prefetch.claimed((claim_finished_ns - claim_started_ns) / 1e9)
             for mail in mails:
                 shared.outstanding += 1
                 shared.held.add(mail.id)

@@ -83,6 +83,7 @@ class Sender:
                     )
                 finally:
                     shared.outstanding -= 1
+                    shared.finished += 1
                     shared.room.set()
         finally:
             await connection.quit()

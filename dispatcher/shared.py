@@ -112,6 +112,8 @@ class Shared:
         self.records: asyncio.Queue[Outcome | Release | None] = asyncio.Queue()
         #: Claimed and not yet finished (queued or sending).
         self.outstanding = 0
+        #: Claims finished by the senders so far (sent, failed or handed back).
+        self.finished = 0
         #: Ids of rows we hold a lease on, until their outcome or release is written.
         self.held: set[int] = set()
         #: time.monotonic() before which no send starts: the SMTP server is unreachable.

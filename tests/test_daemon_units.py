@@ -21,7 +21,7 @@ from opentelemetry.context import Context
 from prometheus_client import REGISTRY
 
 from outbox.dispatcher import tracing
-from outbox.dispatcher.claimer import Claimer
+from outbox.dispatcher.claimer import Claimer, Prefetch
 from outbox.dispatcher.daemon import Dispatcher, DispatcherConfig, NameInUse
 from outbox.dispatcher.listener import Listener
 from outbox.dispatcher.liveness import Liveness
@@ -129,61 +129,81 @@ def field(record: logging.LogRecord, name: str) -> Any:
 # --- the claimer ------------------------------------------------------------------------------
 
 
+def test_the_queue_is_as_deep_as_the_senders_pace_needs() -> None:
+    prefetch = Prefetch(concurrency=8, batch_size=32)
+    # Nothing measured yet, or a slow relay: one waiting row per sender.
+    assert (prefetch.queued(), prefetch.high_water(), prefetch.low_room()) == (8, 16, 4)
+    for _ in range(20):  # 2 sends a second, claims of 5 ms
+        prefetch.finished(2, 1.0)
+        prefetch.claimed(0.005)
+    assert prefetch.queued() == 8
+    for _ in range(20):  # a fast drain: 3,000 sends a second, claims of 8 ms
+        prefetch.finished(300, 0.1)
+        prefetch.claimed(0.008)
+    assert prefetch.queued() == 48  # twice what the senders finish during one claim
+    assert (prefetch.high_water(), prefetch.low_room()) == (56, 24)
+    prefetch.claimed(0.1)  # a slow claim: never more than two batches
+    assert prefetch.queued() == 64 and prefetch.low_room() == 32
+    for _ in range(20):  # the relay slows down: the queue shrinks back
+        prefetch.finished(1, 1.0)
+    assert prefetch.queued() == 8
+
+
 async def test_the_claimer_stops_at_the_high_water_mark_and_claims_in_batches() -> None:
-    # Concurrency 2, batches of 2: high water 2 + 2 * 2 = 6.
-    actors = Actors(FakeStore([mail(i) for i in range(1, 21)]), config(batch_size=2))
+    # Concurrency 4, batches of 4, no pace measured: 4 may wait, high water 8, and room for
+    # 2 (half the queue) is worth a claim while rows still wait.
+    actors = Actors(FakeStore([mail(i) for i in range(1, 21)]), config(concurrency=4, batch_size=4))
     shared, store = actors.shared, actors.store
     claimer = asyncio.create_task(actors.claimer().run())
-    await wait_until(lambda: shared.queue.qsize() == 6, timeout=2, what="the first claims")
-    assert store.claim_limits == [2, 2, 2]
-    assert shared.outstanding == 6 and shared.held == {1, 2, 3, 4, 5, 6}
+    await wait_until(lambda: shared.queue.qsize() == 8, timeout=2, what="the first claims")
+    assert store.claim_limits == [4, 4]
+    assert shared.outstanding == 8 and shared.held == set(range(1, 9))
 
     def finish_one() -> None:  # what a sender does when it is done with a claim
         shared.queue.get_nowait()
         shared.outstanding -= 1
         shared.room.set()
 
-    # A sender finishes a claim: room for one, and five still wait in the queue, so the
-    # claimer waits for a batch's worth of room.
+    # A sender finishes a claim: room for one, and seven still wait, so the claimer waits.
     finish_one()
     await asyncio.sleep(0.05)
-    assert store.claim_limits == [2, 2, 2]
-    # Room for a batch: claimed at once, while four still wait, so that the senders have
-    # work while the claim is on its way.
+    assert store.claim_limits == [4, 4]
+    # Room for two: claimed at once, while six still wait, so that the senders have work
+    # while the claim is on its way.
     finish_one()
-    await wait_until(lambda: store.claim_limits == [2, 2, 2, 2], timeout=2, what="a batch")
-    assert shared.queue.qsize() == 6 and shared.outstanding == 6
+    await wait_until(lambda: store.claim_limits == [4, 4, 2], timeout=2, what="a claim of 2")
+    assert shared.queue.qsize() == 8 and shared.outstanding == 8
     # The senders take everything queued: the next room is claimed at once, however small.
-    for _ in range(5):
+    for _ in range(7):
         shared.queue.get_nowait()
     finish_one()
     await wait_until(lambda: store.claim_limits[-1] == 1, timeout=2, what="a claim of 1")
-    assert shared.outstanding == 6
+    assert shared.outstanding == 8
     await asyncio.sleep(0.05)
-    assert store.claim_limits == [2, 2, 2, 2, 1]  # at the mark again
+    assert store.claim_limits == [4, 4, 2, 1]  # at the mark again
     await stop(actors, claimer)
 
 
 async def test_urgent_mail_is_claimed_at_once_and_handed_out_first() -> None:
-    # Concurrency 2, batches of 2: high water 6.
-    actors = Actors(FakeStore([mail(i) for i in range(1, 11)]), config(batch_size=2))
+    # Concurrency 4, batches of 4: high water 8, a claim for room of 2 or more.
+    actors = Actors(FakeStore([mail(i) for i in range(1, 11)]), config(concurrency=4, batch_size=4))
     shared, store = actors.shared, actors.store
     listener = asyncio.create_task(Listener(NAME, store, shared, actors.log).run(), name="listener")
     claimer = asyncio.create_task(actors.claimer().run())
-    await wait_until(lambda: shared.queue.qsize() == 6, timeout=2, what="the first claims")
-    shared.queue.get_nowait()  # a sender finishes one: room for one, five still queued
+    await wait_until(lambda: shared.queue.qsize() == 8, timeout=2, what="the first claims")
+    shared.queue.get_nowait()  # a sender finishes one: room for one, seven still queued
     shared.outstanding -= 1
     shared.room.set()
     await asyncio.sleep(0.05)
-    assert store.claim_limits == [2, 2, 2]  # waiting for a batch's worth of room, as usual
+    assert store.claim_limits == [4, 4]  # waiting for room worth a claim, as usual
     # A default-priority mail changes nothing ...
     store.notify(5)
     await asyncio.sleep(0.05)
-    assert store.claim_limits == [2, 2, 2]
+    assert store.claim_limits == [4, 4]
     # ... a more urgent one is claimed into the room there is, and goes out next.
     store.due.insert(0, mail(99, priority=0))
     store.notify(0)
-    await wait_until(lambda: store.claim_limits == [2, 2, 2, 1], timeout=2, what="urgent claim")
+    await wait_until(lambda: store.claim_limits == [4, 4, 1], timeout=2, what="urgent claim")
     claim = shared.queue.get_nowait()
     assert claim is not None and claim.mail.id == 99
     await stop(actors, claimer, listener)
@@ -483,18 +503,17 @@ async def test_shutdown_finishes_the_send_in_flight_and_hands_back_the_rest(
 ) -> None:
     caplog.set_level(logging.INFO, "dispatcher")
     smtp_server.handler.data_plan = lambda rcpt, seen: Reply(delay=0.3)
-    store = FakeStore([mail(1), mail(2), mail(3), mail(4)])
-    # One sender, batches of 1: high water 3, so mail 1 is being sent, mails 2 and 3 wait
-    # in the queue and mail 4 is not claimed.
+    store = FakeStore([mail(1), mail(2), mail(3)])
+    # One sender, so high water 2: mail 1 is being sent, mail 2 waits in the queue.
     async with dispatching(store, smtp_server, concurrency=1, batch_size=1) as running:
         assert running.fenced() is False
         await wait_until(lambda: smtp_server.handler.data_seen, timeout=5, what="the send")
     assert store.history(1) == [("sent", 1)]
-    assert [(r.mail.id, r.reason) for r in store.releases] == [(2, "shutdown"), (3, "shutdown")]
-    assert store.claim_limits == [1, 1, 1] and [m.id for m in store.due] == [4, 2, 3]
+    assert [(r.mail.id, r.reason) for r in store.releases] == [(2, "shutdown")]
+    assert store.claim_limits == [1, 1] and [m.id for m in store.due] == [3, 2]
     assert store.deregistered == [NAME] and store.closed
     [drained] = events(caplog, "dispatcher.drained")
-    assert (field(drained, "handed_back"), field(drained, "dispatcher")) == (2, NAME)
+    assert (field(drained, "handed_back"), field(drained, "dispatcher")) == (1, NAME)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("dispatcher.")][
         -3:
     ] == ["dispatcher.stopping", "dispatcher.drained", "dispatcher.stopped"]
