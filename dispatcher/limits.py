@@ -14,6 +14,7 @@ throttle of their scope (see :mod:`dispatcher.policy`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -143,25 +144,30 @@ class Reply:
     recipient_domain: str
 
 
-async def record_throttles(conn: Connection, events: Iterable[Reply]) -> dict[str, float]:
-    """Slow down the scopes that ``events`` hold "slow down" replies for.
+async def record_throttles(
+    conn: Connection, events: Iterable[Reply], recent: policy.SlowDowns | None = None
+) -> dict[str, float]:
+    """Slow down the scopes that enough of ``events`` asked to (``policy.SlowDowns``).
 
     See :func:`dispatcher.policy.throttle_scope` for which replies count and for which
-    scope. Each such scope's rate is halved, at most once a second however many replies
-    and dispatchers report it; it then recovers over a minute. One statement; joins the
+    scope, and ``policy.SLOW_DOWN_SHARE`` for how many make a signal: counted over the
+    recent attempts of ``recent`` (a dispatcher keeps one), else over ``events`` alone.
+    Each such scope's
+    rate is halved, at most once a second however many replies and dispatchers report
+    it; it then recovers over a minute. One statement; joins the
     caller's transaction if there is one (the recorder's, say). Returns the scopes halved
     now, with their new rate in mails per second.
     """
-    scopes = {
-        scope
-        for event in events
-        if (
-            scope := policy.throttle_scope(
+    attempts = [
+        (
+            policy.throttle_scope(
                 event.outcome, event.smtp_code, event.stage, event.recipient_domain
-            )
+            ),
+            event.recipient_domain,
         )
-        is not None
-    }
+        for event in events
+    ]
+    scopes = (recent or policy.SlowDowns()).add(time.monotonic(), attempts)
     if not scopes:
         return {}
     rows = await conn.fetch(queries.THROTTLE, sorted(scopes))

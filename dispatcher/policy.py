@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,7 @@ __all__ = [
     "RAMP_SECONDS",
     "RECOVERY_SECONDS",
     "RELAY_STAGES",
+    "SLOW_DOWN_SHARE",
     "THROTTLE_CODES",
     "UNITS",
     "Allowance",
@@ -137,6 +139,52 @@ def throttle_scope(
     if stage in RELAY_STAGES:
         return ALL_MAIL
     return None
+
+
+#: A scope is slowed down when at least this share of the attempts through it in the
+#: last :data:`SLOW_DOWN_SECONDS` asked for it: a provider over its limit refuses most
+#: mail, while a relay's odd transient 451 (one mail in ten, say) is a retry, not a
+#: reason to halve everyone's rate.
+SLOW_DOWN_SHARE = 0.25
+SLOW_DOWN_SECONDS = 2.0
+
+
+class SlowDowns:
+    """One dispatcher's recent attempts and slow-down replies, counted per scope.
+
+    :meth:`add` takes a batch of attempts, each as its :func:`throttle_scope` (None: no
+    signal) and its mail's recipient domain, and returns the scopes to slow down: those
+    with a signal in this batch and a share of signals of at least
+    :data:`SLOW_DOWN_SHARE` over the window. A domain's share counts the attempts to that
+    domain; the relay's (:data:`ALL_MAIL`) counts every attempt.
+    """
+
+    def __init__(self, seconds: float = SLOW_DOWN_SECONDS) -> None:
+        self._seconds = seconds
+        self._recent: deque[tuple[float, str | None, tuple[str, ...]]] = deque()
+        self._tried: Counter[str] = Counter()
+        self._signals: Counter[str] = Counter()
+
+    def add(self, now: float, attempts: Iterable[tuple[str | None, str]]) -> set[str]:
+        """Count a batch finished at ``now`` (seconds, any clock); the scopes it slows."""
+        asked = set()
+        for scope, domain in attempts:
+            scopes: tuple[str, ...] = (ALL_MAIL,) if domain == ALL_MAIL else (ALL_MAIL, domain)
+            self._recent.append((now, scope, scopes))
+            self._tried.update(scopes)
+            if scope is not None:
+                self._signals[scope] += 1
+                asked.add(scope)
+        while self._recent and self._recent[0][0] <= now - self._seconds:
+            _, old_scope, old_scopes = self._recent.popleft()
+            self._tried.subtract(old_scopes)
+            if old_scope is not None:
+                self._signals[old_scope] -= 1
+        self._tried += Counter()  # drop the scopes no attempt counts any more
+        self._signals += Counter()
+        return {
+            scope for scope in asked if self._signals[scope] >= SLOW_DOWN_SHARE * self._tried[scope]
+        }
 
 
 def effective_rate(rate: float | None, since: datetime | None, now: datetime) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import asyncpg
 from opentelemetry.trace import SpanContext
 
-from outbox.dispatcher import limits, queries
+from outbox.dispatcher import limits, policy, queries
 from outbox.dispatcher.db import Connection, asyncpg_dsn, create_pool
 from outbox.dispatcher.smtp import SendResult
 
@@ -191,6 +191,8 @@ class PgStore:
         #: The last claim found a sending policy: the next one goes the policed way at
         #: once instead of trying the plain claim first.
         self._policed = False
+        #: Recent attempts and their "slow down" replies (limits.record_throttles).
+        self._slow_downs = policy.SlowDowns()
 
     @classmethod
     async def open(cls, database_url: str, name: str) -> PgStore:
@@ -290,6 +292,7 @@ class PgStore:
                     limits.Reply(o.outcome, o.result.smtp_code, o.stage, o.mail.recipient_domain)
                     for o in outcomes
                 ),
+                self._slow_downs,
             )
         return Recorded(
             lease_lost={row["outbox_id"] for row in recorded if row["lease_lost"]},
