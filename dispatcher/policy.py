@@ -141,10 +141,11 @@ def throttle_scope(
     return None
 
 
-#: A scope is slowed down when at least this share of the attempts through it in the
-#: last :data:`SLOW_DOWN_SECONDS` asked for it: a provider over its limit refuses most
-#: mail, while a relay's odd transient 451 (one mail in ten, say) is a retry, not a
-#: reason to halve everyone's rate.
+#: The relay is slowed down when at least this share of all attempts in the last
+#: :data:`SLOW_DOWN_SECONDS` asked for it: a relay over its limit refuses most mail,
+#: while its odd transient 451 at DATA (one mail in ten, say) is a retry, not a reason
+#: to halve everyone's rate. A domain's RCPT reply speaks for that domain alone and
+#: slows it at once.
 SLOW_DOWN_SHARE = 0.25
 SLOW_DOWN_SECONDS = 2.0
 
@@ -153,10 +154,9 @@ class SlowDowns:
     """One dispatcher's recent attempts and slow-down replies, counted per scope.
 
     :meth:`add` takes a batch of attempts, each as its :func:`throttle_scope` (None: no
-    signal) and its mail's recipient domain, and returns the scopes to slow down: those
-    with a signal in this batch and a share of signals of at least
-    :data:`SLOW_DOWN_SHARE` over the window. A domain's share counts the attempts to that
-    domain; the relay's (:data:`ALL_MAIL`) counts every attempt.
+    signal) and its mail's recipient domain, and returns the scopes to slow down: every
+    domain with a signal in this batch, and the relay (:data:`ALL_MAIL`) when it has one
+    and its signals are at least :data:`SLOW_DOWN_SHARE` of all attempts in the window.
     """
 
     def __init__(self, seconds: float = SLOW_DOWN_SECONDS) -> None:
@@ -183,7 +183,9 @@ class SlowDowns:
         self._tried += Counter()  # drop the scopes no attempt counts any more
         self._signals += Counter()
         return {
-            scope for scope in asked if self._signals[scope] >= SLOW_DOWN_SHARE * self._tried[scope]
+            scope
+            for scope in asked
+            if scope != ALL_MAIL or self._signals[scope] >= SLOW_DOWN_SHARE * self._tried[scope]
         }
 
 

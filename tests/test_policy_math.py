@@ -148,7 +148,7 @@ def test_bucket_and_limiting_rate() -> None:
     assert limiting_rate([], None) is None
 
 
-def test_a_scope_slows_down_only_when_enough_of_its_recent_attempts_ask() -> None:
+def test_the_relay_slows_down_only_when_enough_of_its_recent_attempts_ask() -> None:
     relay = throttle_scope("deferred", 451, "end_of_data", "a.example")
     busy = throttle_scope("deferred", 450, "rcpt", "busy.example")
     recent = SlowDowns(seconds=2.0)
@@ -160,9 +160,9 @@ def test_a_scope_slows_down_only_when_enough_of_its_recent_attempts_ask() -> Non
     assert recent.add(0.2, [(relay, "a.example")] * 3) == {ALL_MAIL}
     # Old attempts leave the window: the same batch alone now is a majority.
     assert recent.add(5.0, [(relay, "a.example"), (None, "a.example")]) == {ALL_MAIL}
-    # A domain's share counts the attempts to that domain only: one refused of its two is
-    # a slow-down for it, however much other mail went through.
-    mixed = [(busy, "busy.example"), (None, "busy.example")] + [(None, "b.example")] * 20
+    # A domain's RCPT reply speaks for that domain: it slows down at once, however much
+    # other mail went through.
+    mixed = [(busy, "busy.example")] + [(None, "busy.example"), (None, "b.example")] * 20
     assert recent.add(10.0, mixed) == {"busy.example"}
     # Without a signal in the batch nothing is slowed again.
     assert recent.add(10.5, [(None, "busy.example")]) == set()
