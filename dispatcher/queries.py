@@ -572,13 +572,9 @@ SELECT outcome.id, outcome.attempt, $11, outcome.started_at, outcome.finished_at
        outcome.outcome, outcome.smtp_code, outcome.smtp_reply, outcome.error,
        updated.id IS NULL, outcome.smtp_stage
 FROM outcome LEFT JOIN updated ON updated.id = outcome.id
--- Idempotent: if a commit's acknowledgement was lost and the batch is recorded again,
--- the attempts already written are not written twice.
-WHERE NOT EXISTS (
-    SELECT 1 FROM outbox_attempts a
-    WHERE a.outbox_id = outcome.id AND a.attempt = outcome.attempt
-      AND a.dispatcher = $11 AND a.started_at = outcome.started_at
-)
+-- Idempotent: if a commit's acknowledgement was lost and the batch is recorded again, the
+-- attempts already written are not written twice (outbox_attempts_key_idx, migration 0008).
+ON CONFLICT (outbox_id, attempt, dispatcher, started_at, outcome) DO NOTHING
 RETURNING outbox_id, lease_lost
 """
 

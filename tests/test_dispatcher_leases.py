@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
 from outbox.dispatcher import queries
-from tests.dispatching import enqueue_many
+from tests.dispatching import enqueue_many, wait_until
 
 STALE_AFTER = 6.0
 
@@ -24,12 +26,12 @@ async def _beat(db: asyncpg.Pool, name: str, seconds_ago: float = 0.0) -> None:
     )
 
 
-async def _record(
-    db: asyncpg.Pool, claim: asyncpg.Record, name: str, outcome: str, code: int
-) -> list[asyncpg.Record]:
+def _outcome_args(
+    claim: asyncpg.Record, name: str = "a", outcome: str = "sent", code: int = 250
+) -> list[Any]:
+    """RECORD's arguments for one outcome of ``claim``'s attempt."""
     now = datetime.now(UTC)
-    return await db.fetch(
-        queries.RECORD,
+    return [
         [claim["id"]],
         [claim["lease_token"]],
         [claim["attempts"]],
@@ -42,7 +44,13 @@ async def _record(
         [0.0],
         name,
         ["end_of_data"],
-    )
+    ]
+
+
+async def _record(
+    db: asyncpg.Pool, claim: asyncpg.Record, name: str, outcome: str, code: int
+) -> list[asyncpg.Record]:
+    return await db.fetch(queries.RECORD, *_outcome_args(claim, name, outcome, code))
 
 
 async def test_claim_leases_rows_and_skips_locked_and_leased_ones(db: asyncpg.Pool) -> None:
@@ -109,24 +117,32 @@ async def test_a_stale_owner_cannot_overwrite_the_new_owners_outcome(db: asyncpg
 async def test_recording_is_idempotent(db: asyncpg.Pool) -> None:
     await enqueue_many(db, 1)
     [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER, 5)
-    now = datetime.now(UTC)
-    args = (
-        [claim["id"]],
-        [claim["lease_token"]],
-        [1],
-        ["sent"],
-        [250],
-        ["ok"],
-        [None],
-        [now],
-        [now],
-        [0.0],
-        "a",
-        ["end_of_data"],
-    )
+    args = _outcome_args(claim)
     assert len(await db.fetch(queries.RECORD, *args)) == 1
     assert await db.fetch(queries.RECORD, *args) == []  # a retried batch writes nothing twice
     assert await db.fetchval("SELECT count(*) FROM outbox_attempts") == 1
+
+
+async def test_a_batch_recorded_again_while_the_first_is_in_progress_is_written_once(
+    db: asyncpg.Pool,
+) -> None:
+    # The recorder writes a batch again when it cannot tell whether its first commit
+    # happened; the first may still be in progress on a connection it gave up on.
+    await enqueue_many(db, 1)
+    [claim] = await db.fetch(queries.CLAIM, 1, "a", 30.0, STALE_AFTER, 5)
+    args = _outcome_args(claim)
+    async with db.acquire() as first, db.acquire() as again:
+        transaction = first.transaction()
+        await transaction.start()
+        assert len(await first.fetch(queries.RECORD, *args)) == 1
+        retried = asyncio.create_task(again.fetch(queries.RECORD, *args))
+        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+        pid = again.get_server_pid()
+        await wait_until(lambda: db.fetchval(waiting, pid), what="the second recording to wait")
+        await transaction.commit()
+        assert await retried == []
+    history = await db.fetch("SELECT outcome, lease_lost FROM outbox_attempts")
+    assert [tuple(row.values()) for row in history] == [("sent", False)]
 
 
 async def test_rows_of_a_silent_dispatcher_are_reclaimed_before_their_lease_ends(

@@ -281,6 +281,47 @@ async def test_0003_stops_on_two_users_with_one_mailbox_naming_both(
     assert (await _schema(url))["version"] == {_head()}
 
 
+async def test_0008_keeps_one_copy_of_each_attempt_outcome(empty_database_url: str) -> None:
+    url = empty_database_url
+    await asyncio.to_thread(migrate.upgrade, url, "0007")
+    attempt = """
+        INSERT INTO outbox_attempts (outbox_id, attempt, dispatcher, started_at, finished_at,
+                                     outcome)
+        VALUES ($1, $2, 'd1', $3, now(), $4) RETURNING id
+    """
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute(_MAIL, "<old@example.org>", "pending", None, None, None)
+        outbox_id = await conn.fetchval("SELECT id FROM outbox")
+        started = await conn.fetchval("SELECT now() - interval '1 minute'")
+        # A batch recorded again while its first commit was in progress wrote its
+        # outcome twice; an abandoned attempt and the late outcome of the same one both stay.
+        first = await conn.fetchval(attempt, outbox_id, 1, started, "deferred")
+        await conn.fetchval(attempt, outbox_id, 1, started, "deferred")
+        late = await conn.fetchval(attempt, outbox_id, 1, started, "abandoned")
+        second = await conn.fetchval(attempt, outbox_id, 2, started, "sent")
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(migrate.upgrade, url)
+    schema = await _schema(url)
+    assert "outbox_attempts_key_idx" in schema["indexes"]
+    assert "outbox_attempts_outbox_id_idx" not in schema["indexes"]
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        kept = await conn.fetch("SELECT id FROM outbox_attempts ORDER BY id")
+        assert [row["id"] for row in kept] == [first, late, second]
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(attempt, outbox_id, 2, started, "sent")
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(migrate.downgrade, url, "0007")
+    schema = await _schema(url)
+    assert "outbox_attempts_outbox_id_idx" in schema["indexes"]
+    assert "outbox_attempts_key_idx" not in schema["indexes"]
+
+
 _MAIL = """
 INSERT INTO outbox (message_id, sender, recipient, recipient_domain, recipient_key,
                     subject, body_text, status, lease_token, lease_expires_at, sent_at)
