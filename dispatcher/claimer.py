@@ -35,10 +35,11 @@ __all__ = ["Claimer", "Prefetch"]
 class Prefetch:
     """How many claimed rows may wait in the queue for a sender: measured, not configured.
 
-    Twice what the senders finish while a claim is on its way (their pace times a claim's
-    duration, both smoothed), at least one per sender and at most two batches. Behind a
-    slow relay that is one per sender; in a fast drain, enough that a sender never waits
-    for a claim.
+    What the senders finish in twice a claim's duration, or in :attr:`WORTH` seconds if
+    that is more (their pace and a claim's duration both smoothed), at least one per
+    sender and at most two batches. Behind a slow relay that is one per sender; in a fast
+    drain, enough that a sender never waits for a claim, and claims large enough to be
+    worth their fixed cost.
     """
 
     concurrency: int
@@ -49,10 +50,16 @@ class Prefetch:
 
     #: Weight of the newest sample in the smoothed figures.
     SMOOTHING = 0.5
+    #: Seconds of sending the queue may hold however fast claims are. A claim costs
+    #: PostgreSQL about a millisecond besides its rows (planning, commit), as much as 30
+    #: rows do: a queue as short as a fast claim lets claims of a few rows each
+    #: (PostgreSQL's CPU per mail in a drain fell by a fifth with this floor). 50 ms of
+    #: mail is still nothing to sit on.
+    WORTH = 0.05
 
     def queued(self) -> int:
         """Most claimed rows to hold that no sender has taken yet."""
-        wanted = math.ceil(2 * self.pace * self.claim_seconds)
+        wanted = math.ceil(self.pace * max(2 * self.claim_seconds, self.WORTH))
         return max(self.concurrency, min(2 * self.batch_size, wanted))
 
     def high_water(self) -> int:

@@ -151,10 +151,8 @@ class Sender:
             return self._decide(claim, result, started_at)
         clock = time.perf_counter()
         try:
-            async with asyncio.timeout(budget):
-                result = await connection.send(message)
-        except TimeoutError:
-            result = _broken(connection, "send did not finish within its lease")
+            deadline = asyncio.get_running_loop().time() + budget
+            result = await connection.send(message, deadline=deadline)
         except Exception as exc:  # whatever nobody foresaw is this mail's attempt, not a crash
             self._log.error("mail.send_crashed", exc_info=exc, extra=claim.fields)
             result = _broken(connection, f"unexpected error: {describe(exc)}")

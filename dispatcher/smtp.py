@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import ssl
 import time
 from collections.abc import Awaitable
@@ -17,6 +18,7 @@ from typing import Literal, TypeVar, cast
 
 import aiosmtplib
 
+from outbox.dispatcher.deadline import LazyDeadline
 from outbox.dispatcher.message import Rendered
 from outbox.dispatcher.pipelining import PipelinedReplies, command_line
 from outbox.dispatcher.settings import Settings
@@ -45,6 +47,8 @@ Stage = Literal["render", "connect", "mail", "rcpt", "data", "end_of_data"]
 
 #: The commands that open a transaction, and the replies that let it go on.
 _ENVELOPE_STAGES: tuple[Stage, ...] = ("mail", "rcpt", "data")
+#: The error of a send cut off at its deadline.
+RAN_OUT = "send did not finish within its lease"
 _EXPECTED: dict[str, tuple[int, ...]] = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 
@@ -111,6 +115,10 @@ def classify_reply(code: int, reply: str, stage: Stage) -> SendResult:
     return SendResult(verdict, code, reply, connection_problem=True, stage=stage)
 
 
+class LeaseRunOut(aiosmtplib.SMTPTimeoutError):
+    """The send reached the end of the time its lease allowed (the deadline of :meth:`send`)."""
+
+
 class SmtpConnection:
     """One reusable SMTP connection; :meth:`send` never raises for SMTP or network trouble."""
 
@@ -120,6 +128,11 @@ class SmtpConnection:
         self._last_used = 0.0
         #: How far the current (or last) transaction got; read after a timeout.
         self.stage: Stage = "connect"
+        #: The current send's deadline (``loop.time()``), and the error a wait cut short by
+        #: it or by SMTP_TIMEOUT raises.
+        self._send_deadline = math.inf
+        self._timed_out: aiosmtplib.SMTPTimeoutError | None = None
+        self._deadline = LazyDeadline(self._expire)
 
     def _new_client(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -141,9 +154,24 @@ class SmtpConnection:
 
     async def _ready(self) -> aiosmtplib.SMTP:
         client = self._client
+        if (
+            client is not None
+            and client.is_connected
+            and time.monotonic() - self._last_used < IDLE_CHECK_SECONDS
+        ):
+            return client
+        if self._send_deadline == math.inf:
+            return await self._connect()
+        try:
+            async with asyncio.timeout_at(self._send_deadline):
+                return await self._connect()
+        except TimeoutError:
+            raise LeaseRunOut(RAN_OUT) from None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        """The connection, checked with NOOP if it has been idle, or a new one."""
+        client = self._client
         if client is not None and client.is_connected:
-            if time.monotonic() - self._last_used < IDLE_CHECK_SECONDS:
-                return client
             try:
                 await client.noop()
                 return client
@@ -159,15 +187,18 @@ class SmtpConnection:
                 await client.helo()
         return client
 
-    async def send(self, message: Rendered) -> SendResult:
+    async def send(self, message: Rendered, *, deadline: float | None = None) -> SendResult:
         """Send one message to its one recipient and classify the outcome.
 
         The replies are read one by one (MAIL, RCPT and DATA in one write when the
         server offers PIPELINING), so that the result says which step a refusal
         answered (``stage``) and whether the server already had the whole message when
-        the connection failed.
+        the connection failed. ``deadline`` (``loop.time()`` seconds) is when the whole
+        send must be over (the lease's end): past it the connection is dropped.
         """
         self.stage = "connect"
+        self._send_deadline = math.inf if deadline is None else deadline
+        self._timed_out = None
         try:
             client = await self._ready()
         except aiosmtplib.SMTPResponseException as exc:  # greeting, EHLO, STARTTLS or AUTH
@@ -274,32 +305,59 @@ class SmtpConnection:
         return await self._reply(client, client.execute_command(*args, timeout=None))
 
     async def _reply(self, client: aiosmtplib.SMTP, reading: Awaitable[_R]) -> _R:
-        """Await ``reading`` (a command, a reply or pipelined replies) within ``SMTP_TIMEOUT``.
+        """Await ``reading`` (a command, a reply or pipelined replies) within ``SMTP_TIMEOUT``
+        and the send's deadline.
 
-        What aiosmtplib does with ``timeout=``, but with ``asyncio.timeout`` instead of
-        ``asyncio.wait_for``, which costs an extra trip through the event loop per reply
-        (four per mail). As there, a reply that does not come in time closes the
-        connection (it would be out of step) and raises SMTPReadTimeoutError.
+        What aiosmtplib does with ``timeout=``, with one timer per connection instead of one
+        per reply (:class:`~dispatcher.deadline.LazyDeadline`). As there, a reply that does
+        not come in time closes the connection (it would be out of step) and raises
+        SMTPReadTimeoutError (:class:`LeaseRunOut` at the send's deadline).
         """
+        deadline = asyncio.get_running_loop().time() + self._config.timeout
+        self._deadline.start(min(deadline, self._send_deadline))
         try:
-            async with asyncio.timeout(self._config.timeout):
-                return await reading
+            return await reading
         except aiosmtplib.SMTPException:
+            if self._timed_out is not None:
+                raise self._timed_out from None
             raise
-        except TimeoutError:
-            client.close()
-            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+        finally:
+            self._deadline.stop()
+
+    def _expire(self) -> None:
+        """A wait ran past its deadline: drop the connection, which fails the read."""
+        lease = asyncio.get_running_loop().time() >= self._send_deadline
+        self._timed_out = (
+            LeaseRunOut(RAN_OUT)
+            if lease
+            else aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+        )
+        client = self._client
+        if client is not None:
+            transport = client.transport
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()  # at once, even with unsent data buffered
+            self.close()
 
     async def _refused(self, client: aiosmtplib.SMTP, code: int, reply: str) -> SendResult:
         result = classify_reply(code, reply, self.stage)
         if client.is_connected and 400 <= code < 600 and code != 421:
-            await _reset(client)  # clear the envelope for the next mail
+            # Clear the envelope for the next mail; if even RSET fails the connection is
+            # of no further use.
+            try:
+                reset = await self._command(client, b"RSET")
+            except (aiosmtplib.SMTPException, OSError):
+                self.close()
+            else:
+                if reset.code != 250:
+                    self.close()
         else:
             self.close()  # 421 or a reply that makes no sense: start afresh
         return result
 
     def close(self) -> None:
         """Drop the connection (the next send reconnects)."""
+        self._deadline.cancel()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -312,15 +370,6 @@ class SmtpConnection:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError):
                 client.close()
-
-
-async def _reset(client: aiosmtplib.SMTP) -> None:
-    # Clear the envelope so the connection can carry the next mail; if even RSET fails
-    # the connection is of no further use.
-    try:
-        await client.rset()
-    except (aiosmtplib.SMTPException, OSError):
-        client.close()
 
 
 def describe(exc: BaseException) -> str:

@@ -130,20 +130,25 @@ def field(record: logging.LogRecord, name: str) -> Any:
 
 
 def test_the_queue_is_as_deep_as_the_senders_pace_needs() -> None:
-    prefetch = Prefetch(concurrency=8, batch_size=32)
+    prefetch = Prefetch(concurrency=8, batch_size=64)
     # Nothing measured yet, or a slow relay: one waiting row per sender.
     assert (prefetch.queued(), prefetch.high_water(), prefetch.low_room()) == (8, 16, 4)
     for _ in range(20):  # 2 sends a second, claims of 5 ms
         prefetch.finished(2, 1.0)
         prefetch.claimed(0.005)
     assert prefetch.queued() == 8
-    for _ in range(20):  # a fast drain: 3,000 sends a second, claims of 8 ms
-        prefetch.finished(300, 0.1)
+    for _ in range(20):  # a fast drain: 1,000 sends a second, claims of 8 ms
+        prefetch.finished(100, 0.1)
         prefetch.claimed(0.008)
-    assert prefetch.queued() == 48  # twice what the senders finish during one claim
-    assert (prefetch.high_water(), prefetch.low_room()) == (56, 24)
-    prefetch.claimed(0.1)  # a slow claim: never more than two batches
-    assert prefetch.queued() == 64 and prefetch.low_room() == 32
+    # What they finish in 50 ms (Prefetch.WORTH), more than in two claims (16): claims
+    # of about 25 rows, not 8.
+    assert prefetch.queued() == 50
+    assert (prefetch.high_water(), prefetch.low_room()) == (58, 25)
+    for _ in range(20):  # slower claims, of 40 ms: twice what they finish during one
+        prefetch.claimed(0.04)
+    assert prefetch.queued() == 80 and prefetch.low_room() == 40
+    prefetch.claimed(1.0)  # a very slow claim: never more than two batches
+    assert prefetch.queued() == 128 and prefetch.low_room() == 64
     for _ in range(20):  # the relay slows down: the queue shrinks back
         prefetch.finished(1, 1.0)
     assert prefetch.queued() == 8

@@ -314,6 +314,79 @@ async def test_a_group_that_gets_no_answer_times_out_at_the_step_it_reached(
     assert scripted.seen.messages == []
 
 
+async def test_a_send_past_its_deadline_is_cut_off_at_the_step_it_reached(
+    scripted: Scripted,
+) -> None:
+    # The lease allows 0.3 s; SMTP_TIMEOUT (2 s here) would wait longer for the reply to
+    # the data: the deadline cuts the send off first, and the server had the message.
+    scripted.script.end_of_data = b""
+    connection = SmtpConnection(scripted.config)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await connection.send(message(1), deadline=started + 0.3)
+    assert (result.verdict, result.stage, result.connection_problem) == (
+        Verdict.UNKNOWN,
+        "end_of_data",
+        True,
+    )
+    assert "within its lease" in (result.error or "")
+    assert 0.3 <= loop.time() - started < 1.5
+    # The next send starts afresh on a new connection, under its own deadline.
+    scripted.script.end_of_data = b"250 2.0.0 queued\r\n"
+    again = await connection.send(message(2), deadline=loop.time() + 5)
+    await connection.quit()
+    assert again.verdict == Verdict.SENT
+    assert scripted.seen.connections == 2
+
+
+async def test_a_deadline_cuts_off_an_unanswered_envelope_too(scripted: Scripted) -> None:
+    scripted.script.replies[b"DATA"] = b""  # MAIL and RCPT answered, DATA never
+    connection = SmtpConnection(scripted.config)
+    loop = asyncio.get_running_loop()
+    result = await connection.send(message(1), deadline=loop.time() + 0.3)
+    assert (result.verdict, result.stage) == (Verdict.TRANSIENT, "data")
+    assert "within its lease" in (result.error or "")
+    assert scripted.seen.messages == []
+
+
+async def test_a_deadline_already_past_sends_nothing(scripted: Scripted) -> None:
+    connection = SmtpConnection(scripted.config)
+    loop = asyncio.get_running_loop()
+    result = await connection.send(message(1), deadline=loop.time() - 1)
+    assert (result.verdict, result.stage, result.connection_problem) == (
+        Verdict.TRANSIENT,
+        "connect",
+        True,
+    )
+    assert "within its lease" in (result.error or "")
+    assert scripted.seen.messages == []
+
+
+async def test_replies_in_time_set_no_timer_per_reply(scripted: Scripted) -> None:
+    # Waiting for a reply within SMTP_TIMEOUT and the send's deadline used to cost a
+    # timer per reply, and one per send: a tenth of the dispatcher's CPU in a drain.
+    connection = SmtpConnection(scripted.config)
+    loop = asyncio.get_running_loop()
+    await connection.send(message(1), deadline=loop.time() + 60)  # connects
+    scheduled = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Callable[..., object], *args: object) -> object:
+        scheduled.append(callback)
+        return call_at(when, callback, *args)
+
+    loop.call_at = counting  # type: ignore[method-assign, assignment]
+    try:
+        results = [
+            await connection.send(message(n), deadline=loop.time() + 60) for n in range(2, 52)
+        ]
+    finally:
+        del loop.call_at  # type: ignore[method-assign]
+        await connection.quit()
+    assert {r.verdict for r in results} == {Verdict.SENT}
+    assert scheduled == []
+
+
 async def _wait(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
