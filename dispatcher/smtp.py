@@ -47,9 +47,9 @@ Stage = Literal["render", "connect", "mail", "rcpt", "data", "end_of_data"]
 
 #: The commands that open a transaction, and the replies that let it go on.
 _ENVELOPE_STAGES: tuple[Stage, ...] = ("mail", "rcpt", "data")
+_EXPECTED: dict[str, tuple[int, ...]] = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 #: The error of a send cut off at its deadline.
 RAN_OUT = "send did not finish within its lease"
-_EXPECTED: dict[str, tuple[int, ...]] = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +246,7 @@ class SmtpConnection:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the data")
             protocol.write(message.data() + b".\r\n")
-            reply = await self._reply(client, protocol.read_response(timeout=None))
+            reply = await self._reply(protocol.read_response(timeout=None))
         except (aiosmtplib.SMTPException, OSError) as exc:  # disconnects, timeouts, garbage
             self.close()
             verdict = Verdict.UNKNOWN if self.stage == "end_of_data" else Verdict.TRANSIENT
@@ -290,7 +290,7 @@ class SmtpConnection:
         self.stage = "mail"
         reader = PipelinedReplies(cast(asyncio.Transport, transport), len(envelope), progress)
         commands = b"".join(command_line(*command) for command in envelope)
-        replies = await self._reply(client, reader.read(commands))
+        replies = await self._reply(reader.read(commands))
         for stage, reply in zip(_ENVELOPE_STAGES, replies, strict=True):
             if reply.code not in _EXPECTED[stage]:
                 self.stage = stage
@@ -302,9 +302,9 @@ class SmtpConnection:
 
     async def _command(self, client: aiosmtplib.SMTP, *args: bytes) -> aiosmtplib.SMTPResponse:
         """Send one command and read its reply, within ``SMTP_TIMEOUT``."""
-        return await self._reply(client, client.execute_command(*args, timeout=None))
+        return await self._reply(client.execute_command(*args, timeout=None))
 
-    async def _reply(self, client: aiosmtplib.SMTP, reading: Awaitable[_R]) -> _R:
+    async def _reply(self, reading: Awaitable[_R]) -> _R:
         """Await ``reading`` (a command, a reply or pipelined replies) within ``SMTP_TIMEOUT``
         and the send's deadline.
 
@@ -364,6 +364,7 @@ class SmtpConnection:
 
     async def quit(self) -> None:
         """Say QUIT politely if connected."""
+        self._deadline.cancel()
         client, self._client = self._client, None
         if client is not None and client.is_connected:
             try:
