@@ -225,7 +225,10 @@ class PgStore:
     async def heartbeat(
         self, name: str, smtp_error: str | None, *, stale_after: float, time_limit: float
     ) -> bool:
-        alive = await self._pool.fetchval(queries.HEARTBEAT, name, smtp_error, timeout=time_limit)
+        # The SMTP server's words (a refusal at the greeting, say) are server input.
+        alive = await self._pool.fetchval(
+            queries.HEARTBEAT, name, _clip(smtp_error), timeout=time_limit
+        )
         if alive is not None:
             return True
         # Our row was removed (e.g. by an operator): register again, by force.

@@ -15,6 +15,7 @@ from outbox.cli import migrate
 from outbox.cli.embedded_pg import EmbeddedPostgres
 from outbox.dispatcher import operations as ops
 from outbox.dispatcher.db import asyncpg_dsn
+from outbox.dispatcher.smtp import SmtpConfig
 from tests.dispatching import enqueue_many, running_dispatcher, status_counts, wait_until
 from tests.smtp_server import SmtpServer
 
@@ -102,6 +103,41 @@ async def test_smtp_outage_pauses_without_burning_attempts_then_delivers(
             down.stop()
     assert {r.message_id for r in down.received} == {q.message_id for q in queued}
     assert await db.fetchval("SELECT max(attempts) FROM outbox") == 1
+
+
+async def test_a_refusal_postgresql_cannot_store_as_it_is_never_stops_the_dispatcher(
+    database_url: str, db: asyncpg.Pool
+) -> None:
+    # A relay that refuses us at the greeting with a NUL and a byte that is not UTF-8 in
+    # its reply: the error reaches `outbox status` through the heartbeat, cleaned, and
+    # the dispatcher beats on (it used to die on the heartbeat's write, at every restart).
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 no\x00thanks caf\xe9\r\n")
+        await writer.drain()
+        writer.close()
+
+    relay = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = relay.sockets[0].getsockname()[1]
+    await enqueue_many(db, 2)
+    try:
+        smtp = SmtpConfig("127.0.0.1", port, timeout=2.0)
+        async with running_dispatcher(database_url, SmtpServer(), smtp=smtp) as dispatcher:
+            await wait_until(lambda: _smtp_error(db), what="the dispatcher to report the refusal")
+            error, beat = await db.fetchrow("SELECT smtp_error, last_beat_at FROM dispatchers")
+            assert "554 no\ufffdthanks caf" in error
+            await wait_until(
+                lambda: _beat_since(db, beat), what="the dispatcher to heartbeat again"
+            )
+            assert not dispatcher.crashed
+    finally:
+        relay.close()
+    # The mail was handed back unattempted, as for any server it cannot get through to.
+    assert await db.fetchval("SELECT count(*) FROM outbox_attempts") == 0
+    assert await status_counts(db) == {"pending": 2}
+
+
+async def _beat_since(db: asyncpg.Pool, beat: object) -> bool:
+    return bool(await db.fetchval("SELECT last_beat_at > $1 FROM dispatchers", beat))
 
 
 async def _smtp_error(db: asyncpg.Pool) -> bool:
