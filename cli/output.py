@@ -1,14 +1,19 @@
-"""Standard output whose reader may go away (``outbox list | head -1``).
+"""Standard output whose reader may go away (``outbox list | head -1``), or whose encoding
+cannot show every character.
 
 A write to a closed pipe raises BrokenPipeError, an OSError like the ones a lost database
 connection raises. :func:`guard` wraps stdout and stderr so that it becomes
 :class:`OutputClosed` instead, which no database error handler mistakes for an outage;
 ``outbox`` then stops quietly with status 141, like other Unix tools cut off by a pipe.
+It also has text that the streams' encoding cannot hold (a user's name on a terminal
+that is not UTF-8) written as backslash escapes instead of failing the command.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import os
 import sys
 from typing import Any, TextIO, cast
@@ -45,8 +50,15 @@ def guard() -> None:
     """Make writes to a closed stdout or stderr raise :class:`OutputClosed`."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
         if stream is not None and not isinstance(stream, _Guarded):
             setattr(sys, name, cast(TextIO, _Guarded(stream)))
+
+
+def is_utf8() -> bool:
+    """Whether stdout writes UTF-8 (so any text goes out as it is)."""
+    return codecs.lookup(getattr(sys.stdout, "encoding", None) or "ascii").name == "utf-8"
 
 
 def closed() -> int:

@@ -21,6 +21,7 @@ from typing import TextIO
 
 import asyncpg
 
+from outbox.cli import output
 from outbox.cli.output import OutputClosed
 from outbox.dispatcher import startup
 from outbox.dispatcher.db import CONNECTION_ERRORS, Connection
@@ -109,4 +110,6 @@ def _json_default(value: object) -> object:
 def print_json(value: object) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
-    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
+    # Escaped (\uXXXX) unless stdout takes UTF-8: JSON that stays JSON on any terminal.
+    text = json.dumps(value, default=_json_default, ensure_ascii=not output.is_utf8(), indent=2)
+    print(text)

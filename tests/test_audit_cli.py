@@ -35,10 +35,11 @@ class Result:
 NO_DEV = str(Path(tempfile.gettempdir()) / "outbox-tests-no-dev-here")
 
 
-async def outbox(*args: str, database_url: str | None) -> Result:
+async def outbox(*args: str, database_url: str | None, **extra_env: str) -> Result:
     """Run ``outbox ARGS`` (python -m cli.main) with DATABASE_URL, return code and output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SMTP_"))}
     env["OUTBOX_DATA_DIR"] = NO_DEV
+    env.update(extra_env)
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     proc = await asyncio.create_subprocess_exec(
@@ -126,6 +127,30 @@ async def test_list_table_filters_and_json(database_url: str, db: asyncpg.Pool) 
 
     none = await outbox("list", "--status", "cancelled", database_url=database_url)
     assert none.code == 0 and none.out == "" and "no mail matches" in none.err
+
+
+async def test_stored_text_on_a_terminal_that_is_not_utf8(
+    database_url: str, db: asyncpg.Pool
+) -> None:
+    # A name and an address the output's encoding cannot hold are escaped, never a
+    # traceback (they were, in list, show, suppressions and suppress); JSON stays JSON.
+    ascii_out = {"PYTHONIOENCODING": "ascii"}
+    mail = await add_mail(db, "jörg@bücher.de", name="Zoë 😀")
+    table = await outbox("list", database_url=database_url, **ascii_out)
+    assert table.code == 0, table.err
+    assert "j\\xf6rg@b\\xfccher.de" in table.out
+    listed = await outbox("list", "--json", database_url=database_url, **ascii_out)
+    assert listed.out.isascii()
+    [item] = json.loads(listed.out)["items"]
+    assert (item["id"], item["recipient"]) == (mail, "jörg@bücher.de")
+    shown = await outbox("show", str(mail), database_url=database_url, **ascii_out)
+    assert shown.code == 0 and "Zo\\xeb \\U0001f600" in shown.out
+    shown_json = await outbox("show", str(mail), "--json", database_url=database_url, **ascii_out)
+    assert json.loads(shown_json.out)["row"]["recipient_name"] == "Zoë 😀"
+    suppressed = await outbox("suppress", "jörg@bücher.de", database_url=database_url, **ascii_out)
+    assert suppressed.code == 0, suppressed.err
+    listing = await outbox("suppressions", database_url=database_url, **ascii_out)
+    assert listing.code == 0 and "j\\xf6rg@b\\xfccher.de" in listing.out
 
 
 async def test_list_pagination(database_url: str, db: asyncpg.Pool) -> None:
@@ -314,6 +339,9 @@ async def test_keys_in_show_list_and_prune(database_url: str, db: asyncpg.Pool) 
         (["list", "--key", ""], "--key"),
         (["list", "--key", "x" * 201], "--key"),
         (["list", "--key", "a\tb"], "--key"),
+        # A byte that is not UTF-8 (a lone surrogate here) was blamed on the database.
+        (["list", "--recipient", "\udcff@example.com"], "--recipient"),
+        (["list", "--recipient", "x" * 321], "--recipient"),
     ],
 )
 async def test_bad_arguments_name_the_flag(args: list[str], flag: str) -> None:
