@@ -238,7 +238,10 @@ async def list_outbox(
     status: Annotated[ops.Status | None, Query(description="Only mail in this status.")] = None,
     recipient: Annotated[
         str | None,
-        Query(max_length=320, description="Only mail to this address (case-insensitive)."),
+        Query(
+            max_length=ops.MAX_RECIPIENT_FILTER,
+            description="Only mail to this address (case-insensitive).",
+        ),
     ] = None,
     since: Annotated[Time, Query(description=f"Created at or after. {_TIME_GRAMMAR}")] = None,
     until: Annotated[Time, Query(description=f"Created before. {_TIME_GRAMMAR}")] = None,

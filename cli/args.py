@@ -9,15 +9,23 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from outbox.dispatcher import policies, policy, times
+from outbox.dispatcher import operations, policies, policy, times
 from outbox.dispatcher.addresses import unsafe_text
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
+from outbox.dispatcher.settings import check_dispatcher_name
+
+
+def _ascii(text: str) -> str:
+    # int() and float() also read other scripts' digits ("٣" is 3): a flag takes ASCII.
+    if not text.isascii():
+        raise ValueError(text)
+    return text
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     try:
-        value = int(text)
+        value = int(_ascii(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
@@ -28,7 +36,7 @@ def positive_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """A number of seconds > 0."""
     try:
-        value = float(text)
+        value = float(_ascii(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0 or value == float("inf"):
@@ -59,7 +67,7 @@ MAX_ID = 2**63 - 1
 def outbox_id(text: str) -> int:
     """An outbox row id: a whole number from 1 to 2**63-1."""
     try:
-        value = int(text)
+        value = int(_ascii(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a mail id (a whole number), got {text!r}"
@@ -131,6 +139,28 @@ def address(text: str) -> str:
         policies.address_key(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def dispatcher_name(text: str) -> str:
+    """A dispatcher's name: 1 to 100 characters of plain text (as ``DISPATCHER_NAME``)."""
+    try:
+        return check_dispatcher_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def address_filter(text: str) -> str:
+    """An address to filter by: at most 320 characters of plain text (as the HTTP API's
+    ``recipient``; not necessarily a valid address, it matches literally)."""
+    longest = operations.MAX_RECIPIENT_FILTER
+    if len(text) > longest:
+        raise argparse.ArgumentTypeError(
+            f"an address is at most {longest} characters long, got {len(text)}"
+        )
+    problem = unsafe_text(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"an address {problem}")
     return text
 
 

@@ -35,7 +35,12 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("list", help="list mail, newest first")
     p.add_argument("--status", choices=ops.STATUSES, help="only mail in this status")
-    p.add_argument("--recipient", metavar="ADDRESS", help="only mail to this address (any case)")
+    p.add_argument(
+        "--recipient",
+        metavar="ADDRESS",
+        type=types.address_filter,
+        help="only mail to this address (any case)",
+    )
     p.add_argument(
         "--key", type=types.idempotency_key, help="only the mail enqueued with this idempotency key"
     )

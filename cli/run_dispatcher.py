@@ -37,7 +37,11 @@ def register(sub: Any) -> None:
         description="Claim due mail, send it over SMTP and record every outcome. "
         "Flags override the DISPATCHER_* environment settings.",
     )
-    parser.add_argument("--name", help="unique name among live dispatchers (default host-pid)")
+    parser.add_argument(
+        "--name",
+        type=types.dispatcher_name,
+        help="unique name among live dispatchers (default host-pid)",
+    )
     parser.add_argument(
         "--concurrency",
         type=types.positive_int,

@@ -10,12 +10,21 @@
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 from dataclasses import dataclass
 
 import idna
 
-__all__ = ["SmtpAddress", "ascii_domain", "email_key", "smtp_address", "unsafe_text"]
+__all__ = [
+    "DOT_ATOM",
+    "QUOTED_STRING",
+    "SmtpAddress",
+    "ascii_domain",
+    "email_key",
+    "smtp_address",
+    "unsafe_text",
+]
 
 
 #: Characters no plain-text field (a name, a subject) may hold: they break a header, a
@@ -24,6 +33,13 @@ __all__ = ["SmtpAddress", "ascii_domain", "email_key", "smtp_address", "unsafe_t
 #: U+2029, which the email package treats as line breaks), and the bidirectional overrides
 #: and isolates (Cf, used to disguise text). Other format characters, such as the
 #: zero-width joiners that Persian, Indic and emoji text need, are allowed.
+#: A dot-atom local part (RFC 5322 atext, and UTF-8 for RFC 6532), safe unquoted.
+DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
+)
+#: A quoted-string local part (printable ASCII and escapes), as a stored address has it.
+QUOTED_STRING = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"')
+
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 

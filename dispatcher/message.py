@@ -36,7 +36,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from outbox.dispatcher.addresses import SmtpAddress, smtp_address, unsafe_text
+from outbox.dispatcher.addresses import (
+    DOT_ATOM,
+    QUOTED_STRING,
+    SmtpAddress,
+    smtp_address,
+    unsafe_text,
+)
 from outbox.dispatcher.settings import parse_address
 
 __all__ = ["Rendered", "build_message", "header_date", "sender_address"]
@@ -48,12 +54,6 @@ _PLAIN = re.compile(r"(?!.*=\?)[!-~]+(?: [!-~]+)*")
 _QUOTABLE = re.compile(r"(?!.*=\?)[ -~]{1,200}")
 #: A display name that is a phrase of atoms (RFC 5322 atext words), safe unquoted.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*")
-#: A dot-atom local part (RFC 5322 atext, and UTF-8 for RFC 6532), safe unquoted.
-_DOT_ATOM = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
-)
-#: A quoted-string local part (printable ASCII and escapes), as a stored address has it.
-_QUOTED_STRING = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"')
 #: Bytes of text per encoded-word: 42 bytes are 56 base64 characters, and with the
 #: ``=?utf-8?b?`` ``?=`` frame a folded line stays within 78 characters.
 _EW_BYTES = 42
@@ -182,9 +182,9 @@ def _from_header(sender: str) -> str:
 
 def _mailbox(display_name: str, address: SmtpAddress) -> str:
     local = address.local
-    if _QUOTED_STRING.fullmatch(local) and "=?" not in local:
+    if QUOTED_STRING.fullmatch(local) and "=?" not in local:
         pass  # a quoted local part as stored ("john doe"@...): written as it is
-    elif not _DOT_ATOM.fullmatch(local) or "=?" in local:
+    elif not DOT_ATOM.fullmatch(local) or "=?" in local:
         # Never reached for addresses the API accepts; a library caller's quoted local
         # part is written as a quoted string, and "=?" (which mail readers would decode
         # as an encoded-word even there) cannot be written faithfully at all.

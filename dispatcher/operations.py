@@ -117,6 +117,8 @@ PRUNABLE: Final[tuple[Status, ...]] = ("sent", "cancelled", "failed")
 EXACT_COUNT_MAX_BYTES: Final = 32 * 1024 * 1024
 #: Largest id PostgreSQL's bigint holds (ids beyond it cannot exist).
 MAX_ID: Final = 2**63 - 1
+#: The longest address ``list_mail`` filters by (RFC 5321 paths are shorter).
+MAX_RECIPIENT_FILTER: Final = 320
 
 
 # --- Results ----------------------------------------------------------------------------

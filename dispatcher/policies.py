@@ -26,7 +26,14 @@ from typing import Final
 
 import asyncpg
 
-from outbox.dispatcher.addresses import ascii_domain, email_key, smtp_address, unsafe_text
+from outbox.dispatcher.addresses import (
+    DOT_ATOM,
+    QUOTED_STRING,
+    ascii_domain,
+    email_key,
+    smtp_address,
+    unsafe_text,
+)
 from outbox.dispatcher.db import Connection
 from outbox.dispatcher.policy import ALL_MAIL, Rate, effective_rate
 from outbox.dispatcher.queries import NOTIFY_CHANNEL
@@ -238,7 +245,13 @@ def address_key(address: str) -> str:
         raise ValueError(f"an address {reason}")
     if any(ch.isspace() for ch in address):
         raise ValueError(f"{address!r} is not an address: it holds white space")
-    domain = address.rpartition("@")[2]
+    local, _, domain = address.rpartition("@")
+    if not (DOT_ATOM.fullmatch(local) or QUOTED_STRING.fullmatch(local)):
+        # As every stored recipient is: anything else ("<ada", "a@b") matches no mail.
+        raise ValueError(
+            f"{address!r} is not an address: its local part is neither a dot-atom "
+            "(ada.lovelace) nor a quoted string"
+        )
     smtp_address(address)  # a full address whose local part can be sent
     domain_name(domain)
     return email_key(address)

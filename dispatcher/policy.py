@@ -57,7 +57,7 @@ ALL_MAIL = ""
 
 #: Seconds per unit of a rate.
 UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\d{0,6})\s*([smhd])\s*$")
+_RATE = re.compile(r"^\s*([0-9]{1,9})\s*/\s*([0-9]{0,6})\s*([smhd])\s*$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SmtpSecurity = Literal["none", "starttls", "tls"]
 
 
+def check_dispatcher_name(name: str) -> str:
+    """``name`` if it can name a dispatcher (``DISPATCHER_NAME``, ``--name``), else ValueError.
+
+    1 to 100 characters of plain text: it is shown by ``outbox status`` and in every log
+    line, and goes to PostgreSQL as the connections' application_name.
+    """
+    from outbox.dispatcher.addresses import unsafe_text
+
+    if not 1 <= len(name) <= 100:
+        raise ValueError(f"a dispatcher name is 1 to 100 characters long, got {len(name)}")
+    reason = unsafe_text(name)
+    if reason is not None:
+        raise ValueError(f"a dispatcher name {reason}")
+    return name
+
+
 class Settings(BaseSettings):
     """Every environment setting the product reads, with its default."""
 
@@ -121,6 +137,11 @@ class Settings(BaseSettings):
     def _check_mail_from(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("dispatcher_name")
+    @classmethod
+    def _check_dispatcher_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_dispatcher_name(value)
 
     @field_validator("product_name", mode="before")
     @classmethod

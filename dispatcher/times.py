@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_AGE = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
+_AGE = re.compile(r"\s*([0-9]+)\s*([smhdw])\s*")  # ASCII digits: "٣d" is no age
 #: No age is longer than this (and timedelta cannot hold much more).
 MAX_AGE = timedelta(days=100 * 365)
 
@@ -24,11 +24,18 @@ def parse_age(text: str) -> timedelta:
     """An age such as ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
     match = _AGE.fullmatch(text)
     if not match:
-        raise ValueError(f"expected an age like {AGE_EXAMPLES}, got {text!r}")
-    seconds = int(match[1]) * _UNITS[match[2]]
-    if seconds > MAX_AGE.total_seconds():
-        raise ValueError(f"an age must be at most 100 years, got {text!r}")
-    return timedelta(seconds=seconds)
+        raise ValueError(f"expected an age like {AGE_EXAMPLES}, got {_shown(text)}")
+    # Twelve digits of seconds are past the limit already (and int() of thousands of
+    # digits fails with a message about Python, not about ages).
+    digits = match[1].lstrip("0") or "0"
+    if len(digits) > 12 or int(digits) * _UNITS[match[2]] > MAX_AGE.total_seconds():
+        raise ValueError(f"an age must be at most 100 years, got {_shown(text)}")
+    return timedelta(seconds=int(digits) * _UNITS[match[2]])
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut short if long."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
@@ -38,9 +45,9 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"expected a time like {TIME_EXAMPLES}, got {text!r}") from None
+        raise ValueError(f"expected a time like {TIME_EXAMPLES}, got {_shown(text)}") from None
     value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     try:
         return value.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the year 1 in UTC
-        raise ValueError(f"time out of range: {text!r}") from None
+        raise ValueError(f"time out of range: {_shown(text)}") from None

@@ -34,6 +34,12 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ("--lease", "nan"),
         ("--max-attempts", "1.5"),
         ("--metrics-port", "70000"),
+        # The name goes into logs, `outbox status` and PostgreSQL's application_name:
+        # a byte that is not UTF-8 in it (a lone surrogate here) printed a traceback.
+        ("--name", "\udcff"),
+        ("--name", ""),
+        ("--name", "x" * 101),
+        ("--name", "a\nb"),
     ],
 )
 def test_bad_flags_are_named(flag: str, value: str) -> None:
@@ -50,6 +56,8 @@ def test_bad_flags_are_named(flag: str, value: str) -> None:
         ("DISPATCHER_LEASE", "0"),
         ("SMTP_SECURITY", "ssl"),
         ("SMTP_PORT", "99999"),
+        ("DISPATCHER_NAME", "a\tb"),
+        ("DISPATCHER_NAME", "\u202eevil"),
     ],
 )
 def test_bad_settings_stop_start_up_naming_the_setting(name: str, value: str) -> None:

@@ -279,6 +279,8 @@ async def test_suppressions(admin: httpx.AsyncClient, db: asyncpg.Pool) -> None:
     ("method", "path", "body", "field"),
     [
         ("PUT", "/suppressions/not-an-address", None, "address"),
+        ("PUT", "/suppressions/%3Cada@example.com", None, "address"),
+        ("PUT", "/suppressions/a@b@example.com", None, "address"),
         ("PUT", "/suppressions/a b@example.com", None, "address"),
         ("PUT", "/suppressions/ada@exa mple.com", None, "address"),
         ("PUT", "/suppressions/%00@example.com", None, "address"),

@@ -296,6 +296,7 @@ BAD = [
     (["limit", "set", "--rate", "40/x"], "--rate"),
     (["limit", "set", "--rate", "0/s"], "--rate"),
     (["limit", "set", "--rate", "forty/s"], "--rate"),
+    (["limit", "set", "--rate", "\u0663/s"], "--rate"),  # another script's digit 3
     (["limit", "set", "--rate", "40/s", "--rate", "100/s"], "--rate"),  # one window twice
     (["limit", "set", "--rate", "1/h", "--rate", "24/d", "--rate", "2/1h"], "--rate"),
     (["limit", "set", *[f"--rate=1/{n}s" for n in range(1, 12)]], "--rate"),  # too many
@@ -316,6 +317,8 @@ BAD = [
     (["resume", "--domain", "[127.0.0.1]"], "--domain"),
     (["suppress"], "ADDRESS"),
     (["suppress", "not-an-address"], "ADDRESS"),
+    (["suppress", "<ada@example.com"], "ADDRESS"),
+    (["suppress", "a@b@example.com"], "ADDRESS"),
     (["suppress", "ada@"], "ADDRESS"),
     (["suppress", "a b@example.com"], "ADDRESS"),
     (["suppress", "ada@exa mple.com"], "ADDRESS"),
