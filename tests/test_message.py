@@ -191,6 +191,23 @@ def test_encoded_word_and_header_syntax_in_a_name_stays_literal(name: str) -> No
     assert not re.search(rb"^(Bcc|Cc|Reply-To):", head, re.IGNORECASE | re.MULTILINE)
 
 
+@pytest.mark.parametrize(
+    "name",
+    # Found by the property test above: white space runs with U+00A0 in them, which only
+    # an encoded-word can carry (the email package reads such a run as one space; the
+    # RFC 2047 reading is exact).
+    [
+        "  \xa0",
+        " \xa0",
+        "Zoë \u3000Ada",
+        "a \xa0b",
+        "0" * 23 + "\u0800\u0800" + "\U00010000" * 3 + "\xa0",
+    ],
+)
+def test_a_name_with_unicode_white_space_runs_reads_back_by_the_rfc(name: str) -> None:
+    _check(_row(recipient_name=name, body_text=f"Hello {name}\n"))
+
+
 @pytest.mark.parametrize("name", ["Ada  Lovelace", "Ada   Byron  King"])
 def test_a_name_with_runs_of_spaces_reads_back_exactly(name: str) -> None:
     # Printable ASCII with a run of spaces can be written as a quoted string, which the
