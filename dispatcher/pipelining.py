@@ -42,6 +42,11 @@ class PipelinedReplies(asyncio.Protocol):
     the transport over, writes ``commands``, and returns the replies in order once all
     are in, the transport back with its previous protocol. ``on_reply(n)`` is called as
     the n-th reply arrives (how far the transaction got, should the wait be cut short).
+
+    ``then(replies)``, if given, is called once the replies are in: the bytes it returns
+    are written at once and their one reply is read too (a message's data after the
+    ``354`` to DATA: the transaction needs no trip through the caller in between); None
+    ends the read there.
     """
 
     def __init__(
@@ -49,11 +54,13 @@ class PipelinedReplies(asyncio.Protocol):
         transport: asyncio.Transport,
         expected: int,
         on_reply: Callable[[int], None] = lambda count: None,
+        then: Callable[[list[aiosmtplib.SMTPResponse]], bytes | None] | None = None,
     ) -> None:
         self._transport = transport
         self._owner = transport.get_protocol()
         self._expected = expected
         self._on_reply = on_reply
+        self._then = then
         self._buffer = bytearray()
         #: The lines of a reply that goes on (and their bytes), until its last line.
         self._lines: list[bytes] = []
@@ -141,6 +148,12 @@ class PipelinedReplies(asyncio.Protocol):
             if len(self.replies) == self._expected:
                 if index < len(lines) or self._buffer:  # more than the replies asked for
                     raise aiosmtplib.SMTPResponseException(-1, "Unexpected data after replies")
+                then, self._then = self._then, None
+                follow_up = None if then is None else then(self.replies)
+                if follow_up is not None:
+                    self._expected += 1
+                    self._transport.write(follow_up)
+                    return
                 self._done.set_result(self.replies)
                 return
 

@@ -175,6 +175,39 @@ async def test_offered_pipelining_sends_the_envelope_in_one_go(scripted: Scripte
     assert scripted.seen.connections == 1
 
 
+async def test_the_content_goes_out_as_the_354_arrives_with_its_own_timeout(
+    scripted: Scripted,
+) -> None:
+    # Replies 0.6 s apart with SMTP_TIMEOUT 2 s: the group is answered after 1.8 s, the
+    # content 0.6 s later, 2.4 s after the envelope went out. The wait for the reply to
+    # the content is counted from when the content went, as a wait for a reply is.
+    scripted.script.gap = 0.6
+    sent = message(1)
+    [result] = await send(scripted, sent)
+    assert (result.verdict, result.stage) == (Verdict.SENT, "end_of_data")
+    assert scripted.seen.messages == [sent.data()]
+
+
+async def test_more_than_the_reply_to_the_content_is_an_unknown_outcome(
+    scripted: Scripted,
+) -> None:
+    # The server accepted the message, and said more: the connection is out of step, and
+    # whether the mail is accepted cannot be trusted either.
+    scripted.script.end_of_data = b"250 2.0.0 queued\r\n250 2.0.0 and more\r\n"
+    connection = SmtpConnection(scripted.config)
+    result = await connection.send(message(1))
+    assert (result.verdict, result.stage, result.connection_problem) == (
+        Verdict.UNKNOWN,
+        "end_of_data",
+        True,
+    )
+    assert "Unexpected data" in (result.error or "")
+    scripted.script.end_of_data = b"250 2.0.0 queued\r\n"
+    again = await connection.send(message(2))
+    await connection.quit()
+    assert again.verdict == Verdict.SENT and scripted.seen.connections == 2
+
+
 async def test_without_the_extension_each_command_waits_for_its_reply(
     scripted: Scripted,
 ) -> None:
