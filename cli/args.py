@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import NoReturn
 
 from outbox.dispatcher import operations, policies, policy, times
-from outbox.dispatcher.addresses import unsafe_text
+from outbox.dispatcher.addresses import plain_text
 from outbox.dispatcher.outbox import MAX_KEY_LENGTH
 from outbox.dispatcher.settings import check_dispatcher_name
 
@@ -85,17 +85,17 @@ def page_size(text: str) -> int:
     return value
 
 
+def _plain(text: str, what: str, *, longest: int, shortest: int = 1) -> str:
+    try:
+        return plain_text(text, what, longest=longest, shortest=shortest)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def idempotency_key(text: str) -> str:
     """An idempotency key as ``enqueue(..., key=...)`` takes it: 1-200 characters of plain
     text."""
-    if not 1 <= len(text) <= MAX_KEY_LENGTH:
-        raise argparse.ArgumentTypeError(
-            f"a key is 1 to {MAX_KEY_LENGTH} characters long, got {len(text)}"
-        )
-    reason = unsafe_text(text)
-    if reason is not None:
-        raise argparse.ArgumentTypeError(f"a key {reason}")
-    return text
+    return _plain(text, "a key", longest=MAX_KEY_LENGTH)
 
 
 def timestamp(text: str) -> datetime:
@@ -153,15 +153,7 @@ def dispatcher_name(text: str) -> str:
 def address_filter(text: str) -> str:
     """An address to filter by: at most 320 characters of plain text (as the HTTP API's
     ``recipient``; not necessarily a valid address, it matches literally)."""
-    longest = operations.MAX_RECIPIENT_FILTER
-    if len(text) > longest:
-        raise argparse.ArgumentTypeError(
-            f"an address is at most {longest} characters long, got {len(text)}"
-        )
-    problem = unsafe_text(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"an address {problem}")
-    return text
+    return _plain(text, "an address", longest=operations.MAX_RECIPIENT_FILTER, shortest=0)
 
 
 def reason(text: str) -> str:

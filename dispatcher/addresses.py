@@ -22,6 +22,7 @@ __all__ = [
     "SmtpAddress",
     "ascii_domain",
     "email_key",
+    "plain_text",
     "smtp_address",
     "unsafe_text",
 ]
@@ -59,6 +60,18 @@ def unsafe_text(value: str) -> str | None:
             }[category]
             return f"must be plain text without {kind} (U+{ord(ch):04X})"
     return None
+
+
+def plain_text(value: str, what: str, *, longest: int, shortest: int = 1) -> str:
+    """``value`` if it is ``shortest`` to ``longest`` characters of plain text
+    (:func:`unsafe_text`), else a ValueError saying what is wrong with ``what``."""
+    if not shortest <= len(value) <= longest:
+        span = f"at most {longest}" if shortest == 0 else f"{shortest} to {longest}"
+        raise ValueError(f"{what} is {span} characters long, got {len(value)}")
+    reason = unsafe_text(value)
+    if reason is not None:
+        raise ValueError(f"{what} {reason}")
+    return value
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,7 +29,13 @@ from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
 from outbox.dispatcher import queries, tracing
-from outbox.dispatcher.addresses import ascii_domain, email_key, smtp_address, unsafe_text
+from outbox.dispatcher.addresses import (
+    ascii_domain,
+    email_key,
+    plain_text,
+    smtp_address,
+    unsafe_text,
+)
 from outbox.dispatcher.db import Connection
 
 if TYPE_CHECKING:
@@ -201,11 +207,7 @@ def _check_priority(priority: int) -> None:
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError(f"key must be a str, got {type(key).__name__}")
-    if not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise ValueError(f"key must be 1 to {MAX_KEY_LENGTH} characters long, got {len(key)}")
-    reason = unsafe_text(key)  # NUL and lone surrogates cannot be stored at all
-    if reason is not None:
-        raise ValueError(f"key {reason}")
+    plain_text(key, "key", longest=MAX_KEY_LENGTH)  # NUL, lone surrogates: not storable
 
 
 # --- Running a statement in the caller's transaction ---------------------------------------

@@ -31,6 +31,7 @@ from outbox.dispatcher.addresses import (
     QUOTED_STRING,
     ascii_domain,
     email_key,
+    plain_text,
     smtp_address,
     unsafe_text,
 )
@@ -259,12 +260,7 @@ def address_key(address: str) -> str:
 
 def check_reason(reason: str) -> str:
     """A suppression reason: 1 to 500 characters of plain text; ValueError otherwise."""
-    if not 1 <= len(reason) <= MAX_REASON_LENGTH:
-        raise ValueError(f"a reason is 1 to {MAX_REASON_LENGTH} characters long")
-    problem = unsafe_text(reason)
-    if problem is not None:
-        raise ValueError(f"a reason {problem}")
-    return reason
+    return plain_text(reason, "a reason", longest=MAX_REASON_LENGTH)
 
 
 # The mail's scope (its recipient's domain) and mailbox (the suppression list's key).

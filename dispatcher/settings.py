@@ -21,14 +21,9 @@ def check_dispatcher_name(name: str) -> str:
     1 to 100 characters of plain text: it is shown by ``outbox status`` and in every log
     line, and goes to PostgreSQL as the connections' application_name.
     """
-    from outbox.dispatcher.addresses import unsafe_text
+    from outbox.dispatcher.addresses import plain_text
 
-    if not 1 <= len(name) <= 100:
-        raise ValueError(f"a dispatcher name is 1 to 100 characters long, got {len(name)}")
-    reason = unsafe_text(name)
-    if reason is not None:
-        raise ValueError(f"a dispatcher name {reason}")
-    return name
+    return plain_text(name, "a dispatcher name", longest=100)
 
 
 class Settings(BaseSettings):
