@@ -28,12 +28,6 @@ __all__ = [
 ]
 
 
-#: Characters no plain-text field (a name, a subject) may hold: they break a header, a
-#: terminal or a log line, or they reorder what a reader sees. Categories Cc (C0/C1
-#: controls, CR and LF among them), Cs (lone surrogates, not storable), Zl and Zp (U+2028,
-#: U+2029, which the email package treats as line breaks), and the bidirectional overrides
-#: and isolates (Cf, used to disguise text). Other format characters, such as the
-#: zero-width joiners that Persian, Indic and emoji text need, are allowed.
 #: A dot-atom local part (RFC 5322 atext, and UTF-8 for RFC 6532), safe unquoted.
 DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
@@ -41,6 +35,12 @@ DOT_ATOM = re.compile(
 #: A quoted-string local part (printable ASCII and escapes), as a stored address has it.
 QUOTED_STRING = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"')
 
+#: Characters no plain-text field (a name, a subject) may hold: they break a header, a
+#: terminal or a log line, or they reorder what a reader sees. Categories Cc (C0/C1
+#: controls, CR and LF among them), Cs (lone surrogates, not storable), Zl and Zp (U+2028,
+#: U+2029, which the email package treats as line breaks), and the bidirectional overrides
+#: and isolates (Cf, used to disguise text). Other format characters, such as the
+#: zero-width joiners that Persian, Indic and emoji text need, are allowed.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
