@@ -48,9 +48,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        for key, value in vars(record).items():  # the extras (see _extras), inlined
-            if key not in _STANDARD and key[:1] != "_":
-                entry[key] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return _ENCODE(entry)

@@ -303,9 +303,7 @@ class SmtpConnection:
             ):
                 return None
             self.stage = "end_of_data"
-            # SMTP_TIMEOUT counts again from here, for the reply to the content.
-            loop_time = asyncio.get_running_loop().time()
-            self._deadline.start(min(loop_time + self._config.timeout, self._send_deadline))
+            self._deadline.start(self._reply_deadline())  # the content's reply: a new wait
             return content
 
         self.stage = "mail"
@@ -338,8 +336,7 @@ class SmtpConnection:
         not come in time closes the connection (it would be out of step) and raises
         SMTPReadTimeoutError (:class:`LeaseRunOut` at the send's deadline).
         """
-        deadline = asyncio.get_running_loop().time() + self._config.timeout
-        self._deadline.start(min(deadline, self._send_deadline))
+        self._deadline.start(self._reply_deadline())
         try:
             return await reading
         except aiosmtplib.SMTPException:
@@ -348,6 +345,10 @@ class SmtpConnection:
             raise
         finally:
             self._deadline.stop()
+
+    def _reply_deadline(self) -> float:
+        """When a reply awaited from now must have come: SMTP_TIMEOUT, within the send's."""
+        return min(asyncio.get_running_loop().time() + self._config.timeout, self._send_deadline)
 
     def _expire(self) -> None:
         """A wait ran past its deadline: drop the connection, which fails the read."""
@@ -370,12 +371,11 @@ class SmtpConnection:
             # Clear the envelope for the next mail; if even RSET fails the connection is
             # of no further use.
             try:
-                reset = await self._command(client, b"RSET")
+                reset: aiosmtplib.SMTPResponse | None = await self._command(client, b"RSET")
             except (aiosmtplib.SMTPException, OSError):
+                reset = None
+            if reset is None or reset.code != 250:
                 self.close()
-            else:
-                if reset.code != 250:
-                    self.close()
         else:
             self.close()  # 421 or a reply that makes no sense: start afresh
         return result
