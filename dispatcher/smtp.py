@@ -160,13 +160,16 @@ class SmtpConnection:
             and time.monotonic() - self._last_used < IDLE_CHECK_SECONDS
         ):
             return client
-        if self._send_deadline == math.inf:
-            return await self._connect()
+        deadline = asyncio.timeout_at(
+            None if self._send_deadline == math.inf else self._send_deadline
+        )
         try:
-            async with asyncio.timeout_at(self._send_deadline):
+            async with deadline:
                 return await self._connect()
         except TimeoutError:
-            raise LeaseRunOut(RAN_OUT) from None
+            if deadline.expired():  # ours; aiosmtplib's own timeouts are TimeoutErrors too
+                raise LeaseRunOut(RAN_OUT) from None
+            raise
 
     async def _connect(self) -> aiosmtplib.SMTP:
         """The connection, checked with NOOP if it has been idle, or a new one."""

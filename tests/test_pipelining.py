@@ -382,6 +382,29 @@ async def test_a_deadline_cuts_off_an_unanswered_envelope_too(scripted: Scripted
     assert scripted.seen.messages == []
 
 
+async def test_a_server_that_never_greets_times_out_as_smtp_not_as_the_lease() -> None:
+    # SMTP_TIMEOUT (0.3 s) runs out long before the lease (30 s): the error says so, and
+    # is not taken for the lease's end.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never a word, until the client hangs up
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = SmtpConnection(SmtpConfig("127.0.0.1", port, timeout=0.3))
+    loop = asyncio.get_running_loop()
+    try:
+        result = await connection.send(message(1), deadline=loop.time() + 30)
+    finally:
+        server.close()
+    assert (result.verdict, result.stage, result.connection_problem) == (
+        Verdict.TRANSIENT,
+        "connect",
+        True,
+    )
+    assert "within its lease" not in (result.error or "")
+    assert "Timed out" in (result.error or ""), result.error
+
+
 async def test_a_deadline_already_past_sends_nothing(scripted: Scripted) -> None:
     connection = SmtpConnection(scripted.config)
     loop = asyncio.get_running_loop()
